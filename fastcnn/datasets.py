@@ -1,0 +1,202 @@
+"""Datasets: MNIST, Fashion-MNIST and the real-MNIST sample shipped inside the package.
+
+``load(name)`` returns ``((x_train, y_train), (x_test, y_test))``: images (N, 1, 28, 28), float32
+in [0, 1] (or the raw uint8 with ``raw=True``), labels int64.
+
+Full datasets are looked for in ``$FASTCNN_DATA/<name>/`` (default ``~/.cache/fastcnn/<name>/``),
+then in known system copies, then downloaded from the standard mirrors into the first folder.
+Every downloaded file is checked against its published MD5 before it is renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from .idx import read_idx
+
+ROLES = ("train_images", "train_labels", "test_images", "test_labels")
+SAMPLE_DIR = Path(__file__).parent / "data" / "mnist-sample"
+
+
+class DatasetUnavailable(OSError):
+    """A dataset is neither on disk nor downloadable; the message says where to put its files."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    files: dict  # role -> (file name, MD5 of the file as the mirrors serve it)
+    mirrors: tuple = ()  # base URLs, tried in order
+    system_dirs: tuple = ()  # folders where a distribution may have installed the files
+
+
+_MNIST_FILES = {
+    "train_images": ("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+    "train_labels": ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
+    "test_images": ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+    "test_labels": ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
+}
+
+DATASETS = {
+    "mnist": DatasetSpec(
+        "mnist",
+        _MNIST_FILES,
+        mirrors=(
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "https://storage.googleapis.com/cvdf-datasets/mnist/",
+            "http://yann.lecun.com/exdb/mnist/",
+        ),
+    ),
+    "fashion-mnist": DatasetSpec(
+        "fashion-mnist",
+        {
+            "train_images": ("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+            "train_labels": ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
+            "test_images": ("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
+            "test_labels": ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"),
+        },
+        mirrors=(
+            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+            "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+        ),
+        system_dirs=("/usr/share/datasets/fashion-mnist",),
+    ),
+}
+NAMES = ("mnist-sample", *DATASETS)
+
+
+def data_home() -> Path:
+    """Root of the dataset cache: ``$FASTCNN_DATA``, else ``~/.cache/fastcnn``."""
+    return Path(os.environ.get("FASTCNN_DATA") or Path.home() / ".cache" / "fastcnn")
+
+
+def load(name, data_dir=None, download=True, raw=False):
+    """Load a dataset by name: ``"mnist-sample"``, ``"mnist"`` or ``"fashion-mnist"``.
+
+    data_dir: the folder holding ``<name>/`` (default ``data_home()``); download: fetch what is
+    missing; raw: keep images as uint8 0..255 instead of float32 0..1.
+    """
+    if name == "mnist-sample":
+        folder = SAMPLE_DIR
+        files = {role: fname for role, (fname, _) in _MNIST_FILES.items()}
+    elif name in DATASETS:
+        spec = DATASETS[name]
+        folder = locate(spec, data_dir, download)
+        files = {role: _existing(folder, fname).name for role, (fname, _) in spec.files.items()}
+    else:
+        raise ValueError(f"Unknown dataset {name!r}. Expected one of {NAMES}.")
+    train = _read_split(folder / files["train_images"], folder / files["train_labels"], raw)
+    test = _read_split(folder / files["test_images"], folder / files["test_labels"], raw)
+    return train, test
+
+
+def _existing(folder, fname):
+    """``fname`` in ``folder``, or its decompressed twin (name without .gz); None if neither."""
+    for candidate in (folder / fname, folder / fname.removesuffix(".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _complete(folder, spec):
+    return all(_existing(Path(folder), f) for f, _ in spec.files.values())
+
+
+def locate(spec, data_dir=None, download=True) -> Path:
+    """The folder holding all of ``spec``'s files: the cache, a system copy, or a fresh download."""
+    cache = Path(data_dir or data_home()) / spec.name
+    for folder in (cache, *map(Path, spec.system_dirs)):
+        if _complete(folder, spec):
+            return folder
+    if not download:
+        raise DatasetUnavailable(_missing_message(spec, cache, "downloading is turned off"))
+    fetch(spec, cache)
+    return cache
+
+
+def fetch(spec, dest, progress=None) -> None:
+    """Download every file of ``spec`` missing from ``dest``, trying each mirror in turn.
+
+    A file is written to a temporary name, its MD5 checked, and only then renamed into place:
+    a failed or corrupted download leaves nothing behind.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    progress = sys.stderr.isatty() if progress is None else progress
+    for fname, md5 in spec.files.values():
+        if _existing(dest, fname):
+            continue
+        errors = []
+        for base in spec.mirrors:
+            url = base.rstrip("/") + "/" + fname
+            try:
+                _download(url, dest / fname, md5, progress)
+                break
+            except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors
+                errors.append(f"{url}: {e}")
+        else:
+            tried = "".join(f"\n  {e}" for e in errors) or " (no mirrors)"
+            raise DatasetUnavailable(_missing_message(spec, dest, f"every mirror failed:{tried}"))
+
+
+def _download(url, path, md5, progress, timeout=30):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        digest = hashlib.md5()
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            bar = _bar(total, path.name, progress)
+            while chunk := resp.read(1 << 16):
+                out.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+            bar.close()
+            out.flush()
+            os.fsync(out.fileno())
+        if digest.hexdigest() != md5:
+            raise ValueError(f"checksum mismatch: MD5 {digest.hexdigest()}, expected {md5}")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _bar(total, name, enabled):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"downloading {name}", unit="B", unit_scale=True,
+                leave=False, disable=not enabled, file=sys.stderr)
+
+
+def _missing_message(spec, folder, why):
+    names = ", ".join(f for f, _ in spec.files.values())
+    return (f"could not get the {spec.name} dataset: {why}\n"
+            f"Put these files (gzip or uncompressed) in {folder}/: {names}\n"
+            f"(or set FASTCNN_DATA to a folder that holds {spec.name}/).")
+
+
+def _read_split(images_path, labels_path, raw):
+    images = read_idx(images_path)
+    labels = read_idx(labels_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(f"{images_path}: expected uint8 images (N, H, W), got "
+                         f"{images.dtype} {images.shape}")
+    if labels.ndim != 1 or labels.dtype != np.uint8:
+        raise ValueError(f"{labels_path}: expected uint8 labels (N,), got "
+                         f"{labels.dtype} {labels.shape}")
+    if len(images) != len(labels):
+        raise ValueError(f"{images_path.name} holds {len(images)} images but "
+                         f"{labels_path.name} holds {len(labels)} labels ({labels_path.parent})")
+    if len(labels) and labels.max() > 9:
+        raise ValueError(f"{labels_path}: labels must be 0..9, found {labels.max()}")
+    x = images[:, None, :, :]
+    if not raw:
+        x = x.astype(np.float32) / np.float32(255)
+    return x, labels.astype(np.int64)

@@ -1,0 +1,220 @@
+"""Layers and the loss. Each one only dispatches to the active kernel backend.
+
+Every layer has ``forward(x)`` and ``backward(dy) -> dx``; a layer with parameters keeps them in
+``params`` and their gradients in ``grads`` (same keys, same shapes). ``output_shape(shape)`` maps a
+per-sample input shape (no batch axis) to the output's and raises ValueError on a mismatch, which
+is how ``ConvNet`` finds a wrong layer when it is built instead of in the middle of training.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import kernels
+from .kernels import _contract
+
+
+def _rng(rng):
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+def _float_dtype(dtype):
+    dtype = np.dtype(dtype)
+    if dtype not in _contract.FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    return dtype
+
+
+def _he_normal(rng, shape, fan_in, dtype):
+    # He initialisation keeps the activation variance steady through ReLU layers.
+    return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(dtype)
+
+
+def resolve_padding(padding, kernel_size):
+    """'valid' -> 0, 'same' -> (k - 1) // 2 for an odd square kernel, an int -> itself."""
+    kh, kw = kernel_size
+    if padding == "valid":
+        return 0
+    if padding == "same":
+        if kh != kw or kh % 2 == 0:
+            raise ValueError(
+                f"padding='same' needs an odd square kernel (symmetric padding), got {kh}x{kw}"
+            )
+        return (kh - 1) // 2
+    if isinstance(padding, (int, np.integer)) and not isinstance(padding, bool) and padding >= 0:
+        return int(padding)
+    raise ValueError(f"padding must be 'same', 'valid' or an int >= 0, got {padding!r}")
+
+
+class Layer:
+    """Base class: no parameters, shape unchanged."""
+
+    params: dict
+    grads: dict
+
+    def __init__(self):
+        self.params = {}
+        self.grads = {}
+
+    def output_shape(self, shape):
+        return tuple(shape)
+
+    def config(self):
+        """Constructor arguments, JSON-serialisable, for ``ConvNet.save``."""
+        return {}
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "dtype")
+        return f"{type(self).__name__}({args})"
+
+
+class Conv2D(Layer):
+    """2-D convolution, NCHW: (N, C, H, W) -> (N, F, OH, OW). Weight (F, C, KH, KW), bias (F,)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding="same",
+                 dtype=np.float32, rng=None):
+        super().__init__()
+        self.in_channels = _contract.check_int("in_channels", in_channels, 1)
+        self.out_channels = _contract.check_int("out_channels", out_channels, 1)
+        self.kernel_size = _contract.pair("kernel_size", kernel_size)
+        self.stride = _contract.check_int("stride", stride, 1)
+        self.padding = padding
+        self.pad = resolve_padding(padding, self.kernel_size)
+        dtype = _float_dtype(dtype)
+        kh, kw = self.kernel_size
+        shape = (self.out_channels, self.in_channels, kh, kw)
+        self.params["weight"] = _he_normal(_rng(rng), shape, self.in_channels * kh * kw, dtype)
+        self.params["bias"] = np.zeros(self.out_channels, dtype)
+        self._x = None
+
+    def output_shape(self, shape):
+        if len(shape) != 3 or shape[0] != self.in_channels:
+            raise ValueError(
+                f"{self!r} expects input (C={self.in_channels}, H, W), got {tuple(shape)}"
+            )
+        oh, ow = _contract.conv_output_size(shape[1], shape[2], *self.kernel_size,
+                                            self.stride, self.pad)
+        return (self.out_channels, oh, ow)
+
+    def forward(self, x):
+        self._x = x
+        return kernels().conv2d_forward(x, self.params["weight"], self.params["bias"],
+                                        self.stride, self.pad)
+
+    def backward(self, dy, need_dx=True):
+        k = kernels()
+        self.grads["weight"], self.grads["bias"] = k.conv2d_grad_weight(
+            self._x, dy, self.kernel_size, self.stride, self.pad)
+        if not need_dx:
+            return None
+        return k.conv2d_grad_input(dy, self.params["weight"], self._x.shape, self.stride, self.pad)
+
+    def config(self):
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": self.kernel_size, "stride": self.stride,
+                "padding": self.padding, "dtype": self.params["weight"].dtype.name}
+
+
+class ReLU(Layer):
+    """max(x, 0), any shape."""
+
+    def forward(self, x):
+        self._y = kernels().relu_forward(x)
+        return self._y
+
+    def backward(self, dy, need_dx=True):
+        return kernels().relu_backward(dy, self._y) if need_dx else None
+
+
+class MaxPool2D(Layer):
+    """Max pooling over pool_size x pool_size windows (stride defaults to pool_size), NCHW."""
+
+    def __init__(self, pool_size=2, stride=None):
+        super().__init__()
+        self.pool_size = _contract.check_int("pool_size", pool_size, 1)
+        self.stride = self.pool_size if stride is None else _contract.check_int("stride", stride, 1)
+
+    def output_shape(self, shape):
+        if len(shape) != 3:
+            raise ValueError(f"{self!r} expects input (C, H, W), got {tuple(shape)}")
+        oh, ow = _contract.pool_output_size(shape[1], shape[2], self.pool_size, self.stride)
+        return (shape[0], oh, ow)
+
+    def forward(self, x):
+        self._shape = x.shape
+        y, self._argmax = kernels().maxpool2d_forward(x, self.pool_size, self.stride)
+        return y
+
+    def backward(self, dy, need_dx=True):
+        if not need_dx:
+            return None
+        return kernels().maxpool2d_backward(dy, self._argmax, self._shape, self.pool_size,
+                                            self.stride)
+
+    def config(self):
+        return {"pool_size": self.pool_size, "stride": self.stride}
+
+
+class Flatten(Layer):
+    """(N, C, H, W) -> (N, C*H*W), a view."""
+
+    def output_shape(self, shape):
+        return (int(np.prod(shape)),)
+
+    def forward(self, x):
+        self._shape = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dy, need_dx=True):
+        return dy.reshape(self._shape) if need_dx else None
+
+
+class Dense(Layer):
+    """Fully connected: (N, in_features) -> (N, out_features). Weight (out, in), bias (out,)."""
+
+    def __init__(self, in_features, out_features, dtype=np.float32, rng=None):
+        super().__init__()
+        self.in_features = _contract.check_int("in_features", in_features, 1)
+        self.out_features = _contract.check_int("out_features", out_features, 1)
+        dtype = _float_dtype(dtype)
+        self.params["weight"] = _he_normal(_rng(rng), (self.out_features, self.in_features),
+                                           self.in_features, dtype)
+        self.params["bias"] = np.zeros(self.out_features, dtype)
+
+    def output_shape(self, shape):
+        if len(shape) != 1:
+            raise ValueError(f"{self!r} needs a flat input, got shape {tuple(shape)}: "
+                             f"add Flatten() before it")
+        if shape[0] != self.in_features:
+            raise ValueError(f"{self!r} does not match its input: the layer before it produces "
+                             f"{shape[0]} features, but in_features is {self.in_features}")
+        return (self.out_features,)
+
+    def forward(self, x):
+        self._x = x
+        return kernels().dense_forward(x, self.params["weight"], self.params["bias"])
+
+    def backward(self, dy, need_dx=True):
+        dx, self.grads["weight"], self.grads["bias"] = kernels().dense_backward(
+            dy, self._x, self.params["weight"])
+        return dx if need_dx else None
+
+    def config(self):
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "dtype": self.params["weight"].dtype.name}
+
+
+class SoftmaxCrossEntropy:
+    """Softmax followed by cross-entropy, averaged over the batch."""
+
+    def forward(self, logits, labels):
+        """Return the mean loss (a float) and keep its gradient for ``backward``."""
+        loss, self._dlogits = kernels().softmax_cross_entropy(logits, labels)
+        return loss
+
+    def backward(self):
+        """d(mean loss)/d(logits), shape (N, K)."""
+        return self._dlogits
+
+
+LAYER_TYPES = {cls.__name__: cls for cls in (Conv2D, ReLU, MaxPool2D, Flatten, Dense)}

@@ -1,0 +1,210 @@
+"""The kernel contract every backend implements, and the checks its public wrappers share.
+
+Every backend module (``naive``, ``vectorized``, ``numba_jit``) exposes exactly the functions in
+``KERNELS`` with the same signatures. Arrays are NumPy, NCHW, C-contiguous, float32 or float64
+(one dtype per call); ``stride`` and ``pad`` are non-negative ints (padding is symmetric, zeros).
+
+Shapes, with ``OH = (H + 2*pad - KH) // stride + 1`` for convolution and
+``OH = (H - size) // stride + 1`` for pooling:
+
+- ``conv2d_forward(x, w, b, stride, pad) -> y``: x (N, C, H, W), w (F, C, KH, KW), b (F,),
+  y (N, F, OH, OW).
+- ``conv2d_grad_weight(x, dy, kernel_size, stride, pad) -> (dw, db)``: dw (F, C, KH, KW), db (F,).
+- ``conv2d_grad_input(dy, w, input_shape, stride, pad) -> dx``: dx has ``input_shape``.
+- ``maxpool2d_forward(x, size, stride) -> (y, argmax)``: argmax (N, C, OH, OW) int64 holds, per
+  output cell, the flat index ``h * W + w`` in its input plane of the maximum. Ties go to the
+  first maximum in row-major window order.
+- ``maxpool2d_backward(dy, argmax, input_shape, size, stride) -> dx``: dy scattered to the
+  argmax positions; overlapping windows accumulate.
+- ``relu_forward(x) -> y`` and ``relu_backward(dy, y) -> dx`` (y is the forward output).
+- ``dense_forward(x, w, b) -> y``: x (N, IN), w (OUT, IN), b (OUT,), y (N, OUT).
+- ``dense_backward(dy, x, w) -> (dx, dw, db)``.
+- ``softmax_cross_entropy(logits, labels) -> (loss, dlogits)``: logits (N, K), labels (N,) ints
+  in [0, K); loss is the mean over the batch, dlogits its gradient.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+KERNELS = (
+    "conv2d_forward",
+    "conv2d_grad_weight",
+    "conv2d_grad_input",
+    "maxpool2d_forward",
+    "maxpool2d_backward",
+    "relu_forward",
+    "relu_backward",
+    "dense_forward",
+    "dense_backward",
+    "softmax_cross_entropy",
+)
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def check_array(name, a, ndim=None, dtype=None):
+    """Check that ``a`` is a float32/float64 ndarray with ``ndim`` dims and ``dtype`` if given."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {a.shape}")
+    if a.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
+    if dtype is not None and a.dtype != dtype:
+        raise TypeError(f"{name} has dtype {a.dtype} but the other inputs are {dtype}")
+
+
+def check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def pair(name, value):
+    """``k`` or ``(kh, kw)`` -> ``(kh, kw)``, both positive ints."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair, got {value!r}")
+        return check_int(name, value[0], 1), check_int(name, value[1], 1)
+    k = check_int(name, value, 1)
+    return k, k
+
+
+def check_shape4(name, shape):
+    if len(shape) != 4:
+        raise ValueError(f"{name} must be (N, C, H, W), got {tuple(shape)}")
+    return tuple(check_int(name, s, 1) for s in shape)
+
+
+def conv_output_size(h, w, kh, kw, stride, pad):
+    """Output (OH, OW) of a convolution; a window that does not fit is a ValueError."""
+    oh = (h + 2 * pad - kh) // stride + 1
+    ow = (w + 2 * pad - kw) // stride + 1
+    if h + 2 * pad < kh or w + 2 * pad < kw:
+        raise ValueError(
+            f"kernel {kh}x{kw} does not fit input {h}x{w} with padding {pad}"
+        )
+    return oh, ow
+
+
+def pool_output_size(h, w, size, stride):
+    if h < size or w < size:
+        raise ValueError(f"pool window {size}x{size} does not fit input {h}x{w}")
+    return (h - size) // stride + 1, (w - size) // stride + 1
+
+
+def check_conv_forward(x, w, b, stride, pad):
+    check_array("x", x, 4)
+    check_array("w", w, 4, x.dtype)
+    check_array("b", b, 1, x.dtype)
+    n, c, h, wd = x.shape
+    f, wc, kh, kw = w.shape
+    if wc != c:
+        raise ValueError(f"w has {wc} input channels but x has {c}: x {x.shape}, w {w.shape}")
+    if b.shape != (f,):
+        raise ValueError(f"b must have shape ({f},) to match w {w.shape}, got {b.shape}")
+    stride = check_int("stride", stride, 1)
+    pad = check_int("pad", pad, 0)
+    oh, ow = conv_output_size(h, wd, kh, kw, stride, pad)
+    return stride, pad, (n, f, oh, ow)
+
+
+def check_conv_grad_weight(x, dy, kernel_size, stride, pad):
+    check_array("x", x, 4)
+    check_array("dy", dy, 4, x.dtype)
+    kh, kw = pair("kernel_size", kernel_size)
+    stride = check_int("stride", stride, 1)
+    pad = check_int("pad", pad, 0)
+    n, c, h, w = x.shape
+    oh, ow = conv_output_size(h, w, kh, kw, stride, pad)
+    if dy.shape[0] != n or dy.shape[2:] != (oh, ow):
+        raise ValueError(
+            f"dy has shape {dy.shape} but x {x.shape} with a {kh}x{kw} kernel, stride {stride}, "
+            f"pad {pad} gives (N={n}, F, {oh}, {ow})"
+        )
+    return (kh, kw), stride, pad
+
+
+def check_conv_grad_input(dy, w, input_shape, stride, pad):
+    check_array("dy", dy, 4)
+    check_array("w", w, 4, dy.dtype)
+    input_shape = check_shape4("input_shape", input_shape)
+    stride = check_int("stride", stride, 1)
+    pad = check_int("pad", pad, 0)
+    n, c, h, wd = input_shape
+    f, wc, kh, kw = w.shape
+    if wc != c:
+        raise ValueError(f"w {w.shape} does not match input_shape {input_shape} channels")
+    oh, ow = conv_output_size(h, wd, kh, kw, stride, pad)
+    if dy.shape != (n, f, oh, ow):
+        raise ValueError(f"dy must have shape {(n, f, oh, ow)}, got {dy.shape}")
+    return input_shape, stride, pad
+
+
+def check_pool_forward(x, size, stride):
+    check_array("x", x, 4)
+    size = check_int("size", size, 1)
+    stride = check_int("stride", stride, 1)
+    n, c, h, w = x.shape
+    oh, ow = pool_output_size(h, w, size, stride)
+    return size, stride, (n, c, oh, ow)
+
+
+def check_pool_backward(dy, argmax, input_shape, size, stride):
+    check_array("dy", dy, 4)
+    input_shape = check_shape4("input_shape", input_shape)
+    size = check_int("size", size, 1)
+    stride = check_int("stride", stride, 1)
+    n, c, h, w = input_shape
+    oh, ow = pool_output_size(h, w, size, stride)
+    if dy.shape != (n, c, oh, ow):
+        raise ValueError(f"dy must have shape {(n, c, oh, ow)}, got {dy.shape}")
+    if not isinstance(argmax, np.ndarray) or argmax.shape != dy.shape:
+        got = getattr(argmax, "shape", type(argmax).__name__)
+        raise ValueError(f"argmax must be an array shaped like dy {dy.shape}, got {got}")
+    if argmax.dtype.kind not in "iu":
+        raise TypeError(f"argmax must hold integers, got {argmax.dtype}")
+    return input_shape, size, stride
+
+
+def check_relu_backward(dy, y):
+    check_array("dy", dy)
+    if not isinstance(y, np.ndarray) or y.shape != dy.shape:
+        got = getattr(y, "shape", type(y).__name__)
+        raise ValueError(f"y must be an array shaped like dy {dy.shape}, got {got}")
+
+
+def check_dense_forward(x, w, b):
+    check_array("x", x, 2)
+    check_array("w", w, 2, x.dtype)
+    check_array("b", b, 1, x.dtype)
+    if w.shape[1] != x.shape[1]:
+        raise ValueError(f"w {w.shape} expects {w.shape[1]} input features, x has {x.shape[1]}")
+    if b.shape != (w.shape[0],):
+        raise ValueError(f"b must have shape ({w.shape[0]},), got {b.shape}")
+
+
+def check_dense_backward(dy, x, w):
+    check_array("dy", dy, 2)
+    check_array("x", x, 2, dy.dtype)
+    check_array("w", w, 2, dy.dtype)
+    if x.shape[1] != w.shape[1] or dy.shape != (x.shape[0], w.shape[0]):
+        raise ValueError(
+            f"shapes do not match a dense layer: dy {dy.shape}, x {x.shape}, w {w.shape}"
+        )
+
+
+def check_softmax_cross_entropy(logits, labels):
+    check_array("logits", logits, 2)
+    if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "iu":
+        raise TypeError("labels must be an integer numpy array")
+    n, k = logits.shape
+    if labels.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},) to match logits {logits.shape}, "
+                         f"got {labels.shape}")
+    if n and (labels.min() < 0 or labels.max() >= k):
+        raise ValueError(f"labels must lie in [0, {k}), got values from {labels.min()} "
+                         f"to {labels.max()}")

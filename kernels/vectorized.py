@@ -1,0 +1,135 @@
+"""The ``numpy`` backend: vectorized NumPy, im2col through stride tricks plus BLAS matmul.
+
+No Python loop runs over images or pixels. The only loops are over the KH*KW taps of a kernel
+(col2im in the input gradient), each of which is one whole-array operation.
+The contract (shapes, dtypes, argmax format, tie rule) is in ``_contract.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from . import _contract as c
+
+
+def _pad(x, pad):
+    if pad == 0:
+        return x
+    return np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+
+
+def _im2col(x, kh, kw, stride, pad, oh, ow):
+    """(N, C, H, W) -> (N, C*KH*KW, OH*OW): column j of image n holds the window of output j."""
+    xp = _pad(x, pad)
+    n, ch = x.shape[:2]
+    sn, sc, sh, sw = xp.strides
+    # A read-only view (N, C, KH, KW, OH, OW); the reshape below is the one copy.
+    win = as_strided(
+        xp,
+        shape=(n, ch, kh, kw, oh, ow),
+        strides=(sn, sc, sh, sw, sh * stride, sw * stride),
+        writeable=False,
+    )
+    return win.reshape(n, ch * kh * kw, oh * ow)
+
+
+def conv2d_forward(x, w, b, stride, pad):
+    """y[n, f, i, j] = b[f] + sum_{c,p,q} w[f, c, p, q] * xpad[n, c, i*stride + p, j*stride + q]."""
+    stride, pad, (n, f, oh, ow) = c.check_conv_forward(x, w, b, stride, pad)
+    cols = _im2col(x, w.shape[2], w.shape[3], stride, pad, oh, ow)
+    y = np.matmul(w.reshape(f, -1), cols)  # (N, F, OH*OW), one GEMM per image
+    y += b[:, None]
+    return y.reshape(n, f, oh, ow)
+
+
+def conv2d_grad_weight(x, dy, kernel_size, stride, pad):
+    """dw[f, c, p, q] = sum_{n,i,j} dy[n, f, i, j] * xpad[n, c, i*stride + p, j*stride + q]."""
+    (kh, kw), stride, pad = c.check_conv_grad_weight(x, dy, kernel_size, stride, pad)
+    n, f, oh, ow = dy.shape
+    cols = _im2col(x, kh, kw, stride, pad, oh, ow)
+    dw = np.tensordot(dy.reshape(n, f, -1), cols, axes=([0, 2], [0, 2]))
+    return dw.reshape(f, x.shape[1], kh, kw), dy.sum(axis=(0, 2, 3))
+
+
+def conv2d_grad_input(dy, w, input_shape, stride, pad):
+    """dx[n, c, h, v] = sum over the (f, i, j, p, q) with i*stride + p = h + pad, j*stride + q = v +
+    pad of w[f, c, p, q] * dy[n, f, i, j] (col2im of w^T dy)."""
+    (n, ch, h, wd), stride, pad = c.check_conv_grad_input(dy, w, input_shape, stride, pad)
+    f, _, kh, kw = w.shape
+    oh, ow = dy.shape[2:]
+    dcols = np.matmul(w.reshape(f, -1).T, dy.reshape(n, f, -1)).reshape(n, ch, kh, kw, oh, ow)
+    dxp = np.zeros((n, ch, h + 2 * pad, wd + 2 * pad), dtype=dy.dtype)
+    for p in range(kh):
+        for q in range(kw):
+            rows = slice(p, p + stride * oh, stride)
+            cols = slice(q, q + stride * ow, stride)
+            dxp[:, :, rows, cols] += dcols[:, :, p, q]
+    return np.ascontiguousarray(dxp[:, :, pad : pad + h, pad : pad + wd])
+
+
+def maxpool2d_forward(x, size, stride):
+    """y[n, c, i, j] = max of the size x size window at (i*stride, j*stride); argmax is where."""
+    size, stride, (n, ch, oh, ow) = c.check_pool_forward(x, size, stride)
+    w = x.shape[3]
+    sn, sc, sh, sw = x.strides
+    win = as_strided(
+        x,
+        shape=(n, ch, oh, ow, size, size),
+        strides=(sn, sc, sh * stride, sw * stride, sh, sw),
+        writeable=False,
+    ).reshape(n, ch, oh, ow, size * size)
+    k = win.argmax(axis=-1)  # NOTE: np.argmax returns the first maximum: the contract's tie rule
+    y = np.take_along_axis(win, k[..., None], axis=-1)[..., 0]
+    rows = np.arange(oh)[:, None] * stride + k // size
+    cols = np.arange(ow) * stride + k % size
+    return y, (rows * w + cols).astype(np.int64)
+
+
+def maxpool2d_backward(dy, argmax, input_shape, size, stride):
+    """dx[n, c, h, w] = sum of dy[n, c, i, j] over the cells whose argmax is h*W + w."""
+    (n, ch, h, w), size, stride = c.check_pool_backward(dy, argmax, input_shape, size, stride)
+    plane = np.arange(n * ch).reshape(n, ch, 1, 1) * (h * w)
+    # bincount sums every weight that lands on one index: overlapping windows accumulate.
+    dx = np.bincount((plane + argmax).ravel(), weights=dy.ravel(), minlength=n * ch * h * w)
+    return dx.astype(dy.dtype, copy=False).reshape(n, ch, h, w)
+
+
+def relu_forward(x):
+    """y = max(x, 0), elementwise."""
+    c.check_array("x", x)
+    return np.maximum(x, 0)
+
+
+def relu_backward(dy, y):
+    """dx = dy where the forward output y was positive, else 0."""
+    c.check_relu_backward(dy, y)
+    return dy * (y > 0)
+
+
+def dense_forward(x, w, b):
+    """y = x w^T + b: x (N, IN), w (OUT, IN), b (OUT,)."""
+    c.check_dense_forward(x, w, b)
+    return x @ w.T + b
+
+
+def dense_backward(dy, x, w):
+    """dx = dy w, dw = dy^T x, db = sum_n dy."""
+    c.check_dense_backward(dy, x, w)
+    return dy @ w, dy.T @ x, dy.sum(axis=0)
+
+
+def softmax_cross_entropy(logits, labels):
+    """loss = mean_n(logsumexp(logits[n]) - logits[n, labels[n]]);
+    dlogits = (softmax(logits) - onehot(labels)) / N."""
+    c.check_softmax_cross_entropy(logits, labels)
+    n = logits.shape[0]
+    shifted = logits - logits.max(axis=1, keepdims=True)  # NOTE: shift so exp cannot overflow
+    exp = np.exp(shifted)
+    total = exp.sum(axis=1, keepdims=True)
+    rows = np.arange(n)
+    loss = float(np.mean(np.log(total[:, 0]) - shifted[rows, labels]))
+    dlogits = exp / total
+    dlogits[rows, labels] -= 1
+    dlogits /= n
+    return loss, dlogits
