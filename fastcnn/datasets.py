@@ -143,8 +143,8 @@ def fetch(spec, dest, progress=None) -> None:
             except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors
                 errors.append(f"{url}: {e}")
         else:
-            tried = "".join(f"\n  {e}" for e in errors) or " (no mirrors)"
-            raise DatasetUnavailable(_missing_message(spec, dest, f"every mirror failed:{tried}"))
+            tried = "; ".join(errors) or "no mirrors are known"
+            raise DatasetUnavailable(_missing_message(spec, dest, f"download failed ({tried})"))
 
 
 def _download(url, path, md5, progress, timeout=30):
@@ -177,9 +177,8 @@ def _bar(total, name, enabled):
 
 def _missing_message(spec, folder, why):
     names = ", ".join(f for f, _ in spec.files.values())
-    return (f"could not get the {spec.name} dataset: {why}\n"
-            f"Put these files (gzip or uncompressed) in {folder}/: {names}\n"
-            f"(or set FASTCNN_DATA to a folder that holds {spec.name}/).")
+    return (f"could not get the {spec.name} dataset: {why}. Put {names} (gzip or uncompressed) "
+            f"in {folder}/, or set FASTCNN_DATA to a folder that holds {spec.name}/.")
 
 
 def _read_split(images_path, labels_path, raw):

@@ -1,0 +1,158 @@
+"""The ``fastcnn`` command: train, evaluate, info."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+from . import __version__, backend, datasets, models
+from .network import ConvNet
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_data_args(p):
+    p.add_argument("--dataset", default="mnist-sample", choices=datasets.NAMES,
+                   help="dataset (default: %(default)s, shipped with fastcnn, no network needed)")
+    p.add_argument("--data-dir", help="folder holding <dataset>/ (default: $FASTCNN_DATA or "
+                                      "~/.cache/fastcnn)")
+    p.add_argument("--backend", choices=tuple(backend.BACKENDS),
+                   help="kernel backend (default: $FASTCNN_BACKEND or "
+                        f"{backend.DEFAULT_BACKEND})")
+    p.add_argument("--batch-size", type=_positive_int, default=None)
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog="fastcnn", description="Train and evaluate small CNNs on interchangeable kernel "
+                                    "backends.")
+    parser.add_argument("--version", action="version", version=f"fastcnn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model and report its test accuracy")
+    train.add_argument("--model", default="simple", choices=models.MODELS)
+    _add_data_args(train)
+    train.set_defaults(batch_size=10)
+    train.add_argument("--epochs", type=_positive_int, default=5)
+    train.add_argument("--lr", type=float, default=0.05, help="SGD learning rate")
+    train.add_argument("--seed", type=int, default=0, help="seed for weights and shuffling")
+    train.add_argument("--limit", type=_positive_int, help="train on the first N training images")
+    train.add_argument("--val-fraction", type=float, default=0.1,
+                       help="fraction of the training images held out for validation "
+                            "(default: %(default)s)")
+    train.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    train.add_argument("--save", metavar="PATH", help="write the trained model (.npz) here")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a saved model on a test set")
+    evaluate.add_argument("path", help="model file written by 'fastcnn train --save'")
+    _add_data_args(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate, batch_size=256)
+
+    info = sub.add_parser("info", help="version, backends, threads, CPU")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def _split(x, y, limit, val_fraction):
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    n_val = int(round(len(x) * val_fraction))
+    if n_val == 0:
+        return (x, y), None
+    return (x[:-n_val], y[:-n_val]), (x[-n_val:], y[-n_val:])
+
+
+def cmd_train(args):
+    if args.backend:
+        backend.set_backend(args.backend)
+    (x, y), (x_test, y_test) = datasets.load(args.dataset, args.data_dir, raw=True)
+    (x_train, y_train), val = _split(x, y, args.limit, args.val_fraction)
+    net = models.build(args.model, dtype=args.dtype, seed=args.seed)
+    held_out = f", {len(val[0])} validation" if val else ""
+    print(f"fastcnn {__version__} | backend {backend.get_backend()} | model {args.model} "
+          f"({net.num_params():,} parameters, {args.dtype}) | {args.dataset}: "
+          f"{len(x_train)} training{held_out}, {len(x_test)} test images", flush=True)
+    start = time.perf_counter()
+    net.fit(x_train, y_train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            validation_data=val, seed=args.seed, verbose=True)
+    trained = time.perf_counter() - start
+    result = net.evaluate(x_test, y_test)
+    if args.save:
+        net.save(args.save)
+        print(f"saved the model to {args.save}")
+    print(f"test accuracy {result['accuracy']:.2%} (loss {result['loss']:.4f}, "
+          f"{len(x_test)} images) after {trained:.1f} s of training")
+    return 0
+
+
+def cmd_evaluate(args):
+    if args.backend:
+        backend.set_backend(args.backend)
+    net = ConvNet.load(args.path)
+    _, (x_test, y_test) = datasets.load(args.dataset, args.data_dir, raw=True)
+    result = net.evaluate(x_test, y_test, batch_size=args.batch_size)
+    print(f"{args.path} on {args.dataset} test ({len(x_test)} images, backend "
+          f"{backend.get_backend()}): accuracy {result['accuracy']:.2%}, "
+          f"loss {result['loss']:.4f}")
+    return 0
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cmd_info(args):
+    rows = [
+        ("fastcnn", __version__),
+        ("python", platform.python_version()),
+        ("numpy", np.__version__),
+        ("backends", ", ".join(backend.available_backends())),
+        ("active backend", backend.get_backend()),
+        ("CPU", f"{_cpu_model()} ({os.cpu_count()} logical cores)"),
+    ]
+    try:
+        import numba
+
+        rows.insert(3, ("numba", f"{numba.__version__}, {numba.get_num_threads()} threads"))
+    except ImportError:
+        rows.insert(3, ("numba", "not installed"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("fastcnn: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, FloatingPointError, ImportError) as e:
+        print(f"fastcnn: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+import pytest
+
+import fastcnn
+from fastcnn import backend
+
+
+@pytest.fixture(autouse=True)
+def clean(monkeypatch):
+    monkeypatch.delenv("FASTCNN_BACKEND", raising=False)
+    fastcnn.set_backend(None)
+    yield
+    fastcnn.set_backend(None)
+
+
+def test_default_backend_is_available():
+    assert fastcnn.get_backend() == backend.DEFAULT_BACKEND
+    assert backend.DEFAULT_BACKEND in fastcnn.available_backends()
+
+
+def test_unknown_name_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="Expected one of .*numpy"):
+        fastcnn.set_backend("cuda")
+    with pytest.raises(ValueError, match="'torch'"):
+        with fastcnn.use_backend("torch"):
+            pass
+
+
+def test_env_var_is_read_at_call_time(monkeypatch):
+    name = fastcnn.available_backends()[-1]
+    monkeypatch.setenv("FASTCNN_BACKEND", name)
+    assert fastcnn.get_backend() == name
+    monkeypatch.setenv("FASTCNN_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="FASTCNN_BACKEND"):
+        fastcnn.get_backend()
+
+
+def test_precedence_context_then_set_then_env(monkeypatch):
+    names = backend.BACKENDS
+    first, last = list(names)[0], list(names)[-1]
+    monkeypatch.setenv("FASTCNN_BACKEND", "bogus")  # never consulted below
+    fastcnn.set_backend(last)
+    assert fastcnn.get_backend() == last
+    with fastcnn.use_backend(first):
+        assert fastcnn.get_backend() == first
+        fastcnn.set_backend(last)  # a with-block still wins
+        assert fastcnn.get_backend() == first
+    assert fastcnn.get_backend() == last
+
+
+def test_use_backend_restores_after_an_exception():
+    before = fastcnn.get_backend()
+    with pytest.raises(RuntimeError):
+        with fastcnn.use_backend(fastcnn.available_backends()[0]):
+            raise RuntimeError("boom")
+    assert fastcnn.get_backend() == before
+
+
+def test_layers_dispatch_through_the_switch(monkeypatch):
+    """A layer calls whatever the active backend is, never a module of its own."""
+    import numpy as np
+
+    calls = []
+    real = backend.load("numpy")
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(real, name)
+
+    monkeypatch.setattr(backend, "kernels", lambda: Spy())
+    monkeypatch.setattr(fastcnn.layers, "kernels", lambda: Spy())
+    layer = fastcnn.Conv2D(1, 2, 3)
+    y = layer.forward(np.zeros((1, 1, 5, 5), np.float32))
+    layer.backward(np.ones_like(y))
+    assert calls == ["conv2d_forward", "conv2d_grad_weight", "conv2d_grad_input"]

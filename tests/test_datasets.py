@@ -1,0 +1,153 @@
+import contextlib
+import functools
+import gzip
+import hashlib
+import http.server
+import threading
+
+import numpy as np
+import pytest
+
+from fastcnn import datasets
+from fastcnn.idx import read_idx, write_idx
+
+FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+         "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+@pytest.mark.parametrize("name", ["a.idx", "a.idx.gz"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64])
+def test_idx_round_trip(tmp_path, rng, name, dtype):
+    a = (rng.standard_normal((3, 4, 5)) * 50).astype(dtype)
+    write_idx(tmp_path / name, a)
+    b = read_idx(tmp_path / name)
+    assert b.dtype == a.dtype and b.shape == a.shape
+    np.testing.assert_array_equal(a, b)
+
+
+def test_idx_gzip_is_detected_from_bytes_not_name(tmp_path):
+    write_idx(tmp_path / "plain-name", np.arange(6, dtype=np.uint8), compress=True)
+    np.testing.assert_array_equal(read_idx(tmp_path / "plain-name"), np.arange(6))
+
+
+def test_idx_errors_name_the_file_and_the_problem(tmp_path):
+    path = tmp_path / "x.idx"
+    write_idx(path, np.zeros((10, 28, 28), np.uint8))
+    good = path.read_bytes()
+    (tmp_path / "magic.idx").write_bytes(b"\x01\x02" + good[2:])
+    with pytest.raises(ValueError, match=r"magic.idx: not an IDX file"):
+        read_idx(tmp_path / "magic.idx")
+    (tmp_path / "short.idx").write_bytes(good[:-100])
+    with pytest.raises(ValueError, match=r"short.idx: truncated.*7840 payload bytes.*7740"):
+        read_idx(tmp_path / "short.idx")
+    (tmp_path / "long.idx").write_bytes(good + b"\0")
+    with pytest.raises(ValueError, match="long.idx: has trailing bytes"):
+        read_idx(tmp_path / "long.idx")
+    (tmp_path / "cut.gz").write_bytes(gzip.compress(good)[:-30])
+    with pytest.raises(ValueError, match="cut.gz: corrupt or truncated gzip"):
+        read_idx(tmp_path / "cut.gz")
+    (tmp_path / "tiny").write_bytes(b"\0\0")
+    with pytest.raises(ValueError, match="tiny: too short"):
+        read_idx(tmp_path / "tiny")
+
+
+def write_fake_dataset(folder, rng, n_train=12, n_test=5, n_test_labels=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    write_idx(folder / FILES[0], rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8))
+    write_idx(folder / FILES[1], rng.integers(0, 10, n_train, dtype=np.uint8))
+    write_idx(folder / FILES[2], rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8))
+    write_idx(folder / FILES[3], rng.integers(0, 10, n_test_labels or n_test, dtype=np.uint8))
+
+
+def test_mnist_sample_is_real_digits_in_the_documented_shape():
+    (x, y), (xt, yt) = datasets.load("mnist-sample")
+    assert x.shape == (8000, 1, 28, 28) and xt.shape == (2000, 1, 28, 28)
+    assert x.dtype == np.float32 and y.dtype == np.int64
+    assert 0.0 == x.min() and x.max() == 1.0
+    assert set(np.unique(y)) == set(range(10)) == set(np.unique(yt))
+    (xr, _), _ = datasets.load("mnist-sample", raw=True)
+    assert xr.dtype == np.uint8 and xr.shape == x.shape
+    size = sum(p.stat().st_size for p in datasets.SAMPLE_DIR.glob("*.gz"))
+    assert size <= 2_000_000
+
+
+def test_load_reads_a_local_folder_and_checks_label_counts(tmp_path, rng):
+    write_fake_dataset(tmp_path / "mnist", rng)
+    (x, y), (xt, yt) = datasets.load("mnist", data_dir=tmp_path, download=False)
+    assert x.shape == (12, 1, 28, 28) and yt.shape == (5,)
+    write_fake_dataset(tmp_path / "fashion-mnist", rng, n_test_labels=4)
+    with pytest.raises(ValueError, match="5 images but.*4 labels"):
+        datasets.load("fashion-mnist", data_dir=tmp_path, download=False)
+
+
+def test_load_honours_fastcnn_data_and_says_where_files_go(tmp_path, monkeypatch, rng):
+    monkeypatch.setenv("FASTCNN_DATA", str(tmp_path))
+    with pytest.raises(datasets.DatasetUnavailable, match=rf"t10k-labels.*{tmp_path}/mnist/"):
+        datasets.load("mnist", download=False)
+    write_fake_dataset(tmp_path / "mnist", rng, n_train=3)
+    (x, _), _ = datasets.load("mnist", download=False)
+    assert len(x) == 3
+    with pytest.raises(ValueError, match="Unknown dataset 'cifar'"):
+        datasets.load("cifar")
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def serve(folder):
+    """An HTTP server on 127.0.0.1 serving ``folder``, on a free port, stopped afterwards."""
+    handler = functools.partial(_Quiet, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def spec_for(folder, mirrors, corrupt=None):
+    files = {}
+    for role, fname in zip(datasets.ROLES, FILES, strict=True):
+        md5 = hashlib.md5((folder / fname).read_bytes()).hexdigest()
+        files[role] = (fname, "0" * 32 if fname == corrupt else md5)
+    return datasets.DatasetSpec("mnist", files, mirrors=tuple(mirrors))
+
+
+def test_download_uses_the_second_mirror_when_the_first_is_dead(tmp_path, rng, monkeypatch):
+    write_fake_dataset(tmp_path / "www" / "good", rng)
+    with serve(tmp_path / "www") as url:
+        spec = spec_for(tmp_path / "www" / "good", [f"{url}/dead/", f"{url}/good/"])
+        monkeypatch.setitem(datasets.DATASETS, "mnist", spec)
+        (x, y), (xt, yt) = datasets.load("mnist", data_dir=tmp_path / "cache")
+    assert x.shape == (12, 1, 28, 28) and len(yt) == 5
+    assert sorted(p.name for p in (tmp_path / "cache" / "mnist").iterdir()) == sorted(FILES)
+    for fname in FILES:
+        assert (tmp_path / "cache/mnist" / fname).read_bytes() == (
+            tmp_path / "www/good" / fname).read_bytes()
+
+
+def test_checksum_mismatch_is_rejected_and_leaves_nothing(tmp_path, rng):
+    write_fake_dataset(tmp_path / "www", rng)
+    dest = tmp_path / "cache"
+    with serve(tmp_path / "www") as url:
+        spec = spec_for(tmp_path / "www", [url], corrupt=FILES[0])
+        with pytest.raises(datasets.DatasetUnavailable, match="checksum mismatch.*" + str(dest)):
+            datasets.fetch(spec, dest, progress=False)
+    assert list(dest.iterdir()) == []
+
+
+def test_every_mirror_dead_names_each_url_and_the_folder(tmp_path, rng):
+    write_fake_dataset(tmp_path / "www", rng)
+    with serve(tmp_path / "www") as url:
+        spec = spec_for(tmp_path / "www", [f"{url}/a/", f"{url}/b/"])
+        with pytest.raises(datasets.DatasetUnavailable) as err:
+            datasets.fetch(spec, tmp_path / "cache", progress=False)
+    message = str(err.value)
+    assert f"{url}/a/train-images" in message and f"{url}/b/train-images" in message
+    assert "404" in message and str(tmp_path / "cache") in message
+    assert list((tmp_path / "cache").iterdir()) == []

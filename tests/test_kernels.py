@@ -1,0 +1,156 @@
+"""Every backend's kernels against the loop reference in tests/reference.py."""
+
+import inspect
+
+import numpy as np
+import pytest
+
+from fastcnn import backend
+from fastcnn.kernels import _contract
+
+import reference as ref
+from reference import tol
+
+# (N, C, H, W, F, KH, KW, stride, pad): odd and non-square planes, kernels 1/2x3/3/5,
+# strides 1/2/3, pads 0/1/2, batch 1 and many, one and many channels.
+CONV_CASES = [
+    (1, 1, 5, 5, 1, 3, 3, 1, 0),
+    (2, 3, 7, 5, 4, 3, 3, 2, 1),
+    (1, 2, 6, 9, 3, 5, 5, 1, 2),
+    (3, 1, 4, 4, 2, 1, 1, 1, 0),
+    (2, 2, 8, 7, 3, 2, 3, 2, 1),
+    (1, 4, 5, 6, 2, 3, 3, 3, 1),
+    (2, 1, 28, 28, 8, 3, 3, 1, 1),
+]
+# (N, C, H, W, size, stride): odd planes that drop a row, overlapping windows, size 1.
+POOL_CASES = [
+    (1, 1, 4, 4, 2, 2),
+    (2, 3, 7, 5, 2, 2),
+    (1, 2, 6, 6, 3, 2),
+    (2, 1, 5, 7, 3, 1),
+    (1, 1, 4, 4, 1, 1),
+]
+DTYPES = [np.float32, np.float64]
+
+
+def test_every_backend_has_the_contract_with_the_same_signatures():
+    names = backend.available_backends()
+    assert names, "no backend imports"
+    first = backend.load(names[0])
+    for name in names:
+        module = backend.load(name)
+        for kernel in _contract.KERNELS:
+            assert hasattr(module, kernel), f"{name} lacks {kernel}"
+            assert inspect.signature(getattr(module, kernel)) == inspect.signature(
+                getattr(first, kernel)), f"{name}.{kernel} signature differs"
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv2d_matches_loops(k, rng, case, dtype):
+    n, c, h, w, f, kh, kw, stride, pad = case
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    wt = rng.standard_normal((f, c, kh, kw)).astype(dtype)
+    b = rng.standard_normal(f).astype(dtype)
+    y = k.conv2d_forward(x, wt, b, stride, pad)
+    expected = ref.conv2d(x, wt, b, stride, pad)
+    assert y.shape == expected.shape and y.dtype == dtype
+    np.testing.assert_allclose(y, expected, **tol(dtype))
+
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dx_ref, dw_ref, db_ref = ref.conv2d_grads(x, wt, dy, stride, pad)
+    dw, db = k.conv2d_grad_weight(x, dy, (kh, kw), stride, pad)
+    dx = k.conv2d_grad_input(dy, wt, x.shape, stride, pad)
+    assert (dw.shape, db.shape, dx.shape) == (wt.shape, b.shape, x.shape)
+    assert dw.dtype == db.dtype == dx.dtype == dtype
+    np.testing.assert_allclose(dw, dw_ref, **tol(dtype))
+    np.testing.assert_allclose(db, db_ref, **tol(dtype))
+    np.testing.assert_allclose(dx, dx_ref, **tol(dtype))
+
+
+@pytest.mark.parametrize("case", POOL_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_maxpool_matches_loops(k, rng, case, dtype):
+    n, c, h, w, size, stride = case
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    y, arg = k.maxpool2d_forward(x, size, stride)
+    y_ref, arg_ref = ref.maxpool2d(x, size, stride)
+    assert y.shape == y_ref.shape and y.dtype == dtype
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(arg, arg_ref)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dx = k.maxpool2d_backward(dy, arg, x.shape, size, stride)
+    assert dx.shape == x.shape and dx.dtype == dtype
+    np.testing.assert_allclose(dx, ref.maxpool2d_backward(dy, arg_ref, x.shape), **tol(dtype))
+
+
+@pytest.mark.parametrize("size,stride", [(2, 2), (3, 1), (3, 2)])
+def test_maxpool_ties_go_to_the_first_maximum(k, rng, size, stride):
+    # Values from {0, 1, 2} make most windows tie; constant planes tie everywhere.
+    x = rng.integers(0, 3, (2, 2, 7, 6)).astype(np.float32)
+    x[1, 1] = 5.0
+    y, arg = k.maxpool2d_forward(x, size, stride)
+    y_ref, arg_ref = ref.maxpool2d(x, size, stride)
+    np.testing.assert_array_equal(arg, arg_ref)
+    np.testing.assert_array_equal(y, y_ref)
+    # On the constant plane every window's first cell is its top-left corner.
+    oh, ow = y.shape[2:]
+    corners = (np.arange(oh)[:, None] * stride) * 6 + np.arange(ow) * stride
+    np.testing.assert_array_equal(arg[1, 1], corners)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_dense_softmax_match_reference(k, rng, dtype):
+    x = rng.standard_normal((4, 7)).astype(dtype)
+    y = k.relu_forward(x)
+    np.testing.assert_array_equal(y, np.where(x > 0, x, 0))
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    np.testing.assert_array_equal(k.relu_backward(dy, y), np.where(x > 0, dy, 0))
+
+    w = rng.standard_normal((3, 7)).astype(dtype)
+    b = rng.standard_normal(3).astype(dtype)
+    out = k.dense_forward(x, w, b)
+    assert out.shape == (4, 3) and out.dtype == dtype
+    np.testing.assert_allclose(out, x @ w.T + b, **tol(dtype))
+    g = rng.standard_normal((4, 3)).astype(dtype)
+    dx, dw, db = k.dense_backward(g, x, w)
+    np.testing.assert_allclose(dx, g @ w, **tol(dtype))
+    np.testing.assert_allclose(dw, g.T @ x, **tol(dtype))
+    np.testing.assert_allclose(db, g.sum(0), **tol(dtype))
+
+    logits = (10 * rng.standard_normal((5, 4))).astype(dtype)
+    labels = np.array([0, 3, 1, 1, 2])
+    loss, dlogits = k.softmax_cross_entropy(logits, labels)
+    loss_ref, grad_ref = ref.softmax_cross_entropy(logits, labels)
+    assert dlogits.dtype == dtype
+    assert loss == pytest.approx(loss_ref, rel=1e-5)
+    np.testing.assert_allclose(dlogits, grad_ref, **tol(dtype))
+
+
+def test_softmax_is_stable_for_huge_logits(k):
+    logits = np.array([[1000.0, 0.0, -1000.0]], np.float32)
+    loss, d = k.softmax_cross_entropy(logits, np.array([0]))
+    assert np.isfinite(loss) and loss == pytest.approx(0.0, abs=1e-6)
+    assert np.all(np.isfinite(d))
+
+
+def test_kernels_reject_bad_input(k):
+    x = np.zeros((1, 2, 5, 5), np.float32)
+    w = np.zeros((3, 2, 3, 3), np.float32)
+    b = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match="input channels"):
+        k.conv2d_forward(x, np.zeros((3, 1, 3, 3), np.float32), b, 1, 0)
+    with pytest.raises(TypeError, match="float64"):
+        k.conv2d_forward(x, w.astype(np.float64), b, 1, 0)
+    with pytest.raises(TypeError, match="float16"):
+        k.conv2d_forward(x.astype(np.float16), w, b, 1, 0)
+    with pytest.raises(ValueError, match="does not fit"):
+        k.conv2d_forward(x, np.zeros((3, 2, 7, 7), np.float32), b, 1, 0)
+    with pytest.raises(ValueError, match="stride"):
+        k.conv2d_forward(x, w, b, 0, 0)
+    with pytest.raises(ValueError, match="dy"):
+        k.conv2d_grad_input(np.zeros((1, 3, 4, 4), np.float32), w, x.shape, 1, 0)
+    with pytest.raises(ValueError, match="does not fit"):
+        k.maxpool2d_forward(x, 6, 1)
+    with pytest.raises(ValueError, match="labels"):
+        k.softmax_cross_entropy(np.zeros((2, 3), np.float32), np.array([0, 3]))
