@@ -14,9 +14,11 @@ import threading
 
 # name -> module inside fastcnn.kernels
 BACKENDS = {
+    "naive": "naive",
     "numpy": "vectorized",
+    "numba": "numba_jit",
 }
-DEFAULT_BACKEND = "numpy"
+DEFAULT_BACKEND = "numba"
 ENV_VAR = "FASTCNN_BACKEND"
 
 _chosen: str | None = None

@@ -14,6 +14,16 @@ def backend_name(request):
         yield request.param
 
 
+FAST_BACKENDS = tuple(name for name in BACKENDS if name != "naive")
+
+
+@pytest.fixture(params=FAST_BACKENDS)
+def fast_backend_name(request):
+    """Every backend but the slow reference, active during the test."""
+    with fastcnn.use_backend(request.param):
+        yield request.param
+
+
 @pytest.fixture
 def k(backend_name):
     """The kernel module of the backend under test."""

@@ -1,0 +1,198 @@
+"""The ``naive`` backend: the specification, in plain Python loops.
+
+One loop nest per kernel, following the formula in its docstring index by index. NumPy is used
+only to allocate and index arrays; nothing here is vectorized, so this is slow on purpose (a
+training step of the simple model at batch 10 takes about a second). Every other backend is
+tested against these functions, and these against finite differences.
+The contract (shapes, dtypes, argmax format, tie rule) is in ``_contract.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _contract as c
+
+
+def conv2d_forward(x, w, b, stride, pad):
+    """y[n, f, i, j] = b[f] + sum_{c, p, q} w[f, c, p, q] * x[n, c, i*stride + p - pad,
+    j*stride + q - pad], where x is zero outside its H x W plane."""
+    stride, pad, (N, F, OH, OW) = c.check_conv_forward(x, w, b, stride, pad)
+    _, C, H, W = x.shape
+    _, _, KH, KW = w.shape
+    y = np.zeros((N, F, OH, OW), x.dtype)
+    for n in range(N):
+        for f in range(F):
+            for i in range(OH):
+                for j in range(OW):
+                    total = b[f]
+                    for ch in range(C):
+                        for p in range(KH):
+                            for q in range(KW):
+                                h = i * stride + p - pad
+                                v = j * stride + q - pad
+                                if 0 <= h < H and 0 <= v < W:
+                                    total += w[f, ch, p, q] * x[n, ch, h, v]
+                    y[n, f, i, j] = total
+    return y
+
+
+def conv2d_grad_weight(x, dy, kernel_size, stride, pad):
+    """dw[f, c, p, q] = sum_{n, i, j} dy[n, f, i, j] * x[n, c, i*stride + p - pad,
+    j*stride + q - pad];  db[f] = sum_{n, i, j} dy[n, f, i, j]."""
+    (KH, KW), stride, pad = c.check_conv_grad_weight(x, dy, kernel_size, stride, pad)
+    N, C, H, W = x.shape
+    _, F, OH, OW = dy.shape
+    dw = np.zeros((F, C, KH, KW), x.dtype)
+    db = np.zeros(F, x.dtype)
+    for f in range(F):
+        for n in range(N):
+            for i in range(OH):
+                for j in range(OW):
+                    db[f] += dy[n, f, i, j]
+        for ch in range(C):
+            for p in range(KH):
+                for q in range(KW):
+                    total = 0.0
+                    for n in range(N):
+                        for i in range(OH):
+                            for j in range(OW):
+                                h = i * stride + p - pad
+                                v = j * stride + q - pad
+                                if 0 <= h < H and 0 <= v < W:
+                                    total += dy[n, f, i, j] * x[n, ch, h, v]
+                    dw[f, ch, p, q] = total
+    return dw, db
+
+
+def conv2d_grad_input(dy, w, input_shape, stride, pad):
+    """dx[n, c, h, v] = sum over f and over the taps (p, q) with h = i*stride + p - pad and
+    v = j*stride + q - pad for some output cell (i, j) of w[f, c, p, q] * dy[n, f, i, j]."""
+    (N, C, H, W), stride, pad = c.check_conv_grad_input(dy, w, input_shape, stride, pad)
+    F, _, KH, KW = w.shape
+    OH, OW = dy.shape[2:]
+    dx = np.zeros((N, C, H, W), dy.dtype)
+    for n in range(N):
+        for f in range(F):
+            for i in range(OH):
+                for j in range(OW):
+                    for ch in range(C):
+                        for p in range(KH):
+                            for q in range(KW):
+                                h = i * stride + p - pad
+                                v = j * stride + q - pad
+                                if 0 <= h < H and 0 <= v < W:
+                                    dx[n, ch, h, v] += w[f, ch, p, q] * dy[n, f, i, j]
+    return dx
+
+
+def maxpool2d_forward(x, size, stride):
+    """y[n, c, i, j] = max_{p, q < size} x[n, c, i*stride + p, j*stride + q];
+    argmax[n, c, i, j] = h * W + v of that maximum, the first one in row-major window order."""
+    size, stride, (N, C, OH, OW) = c.check_pool_forward(x, size, stride)
+    W = x.shape[3]
+    y = np.zeros((N, C, OH, OW), x.dtype)
+    argmax = np.zeros((N, C, OH, OW), np.int64)
+    for n in range(N):
+        for ch in range(C):
+            for i in range(OH):
+                for j in range(OW):
+                    best_h, best_v = i * stride, j * stride
+                    for p in range(size):
+                        for q in range(size):
+                            h, v = i * stride + p, j * stride + q
+                            # NOTE: strictly greater, so a tie keeps the earlier cell.
+                            if x[n, ch, h, v] > x[n, ch, best_h, best_v]:
+                                best_h, best_v = h, v
+                    y[n, ch, i, j] = x[n, ch, best_h, best_v]
+                    argmax[n, ch, i, j] = best_h * W + best_v
+    return y, argmax
+
+
+def maxpool2d_backward(dy, argmax, input_shape, size, stride):
+    """dx[n, c, h, v] = sum of dy[n, c, i, j] over the output cells whose argmax is h*W + v."""
+    (N, C, H, W), size, stride = c.check_pool_backward(dy, argmax, input_shape, size, stride)
+    OH, OW = dy.shape[2:]
+    dx = np.zeros((N, C, H, W), dy.dtype)
+    for n in range(N):
+        for ch in range(C):
+            for i in range(OH):
+                for j in range(OW):
+                    k = argmax[n, ch, i, j]
+                    dx[n, ch, k // W, k % W] += dy[n, ch, i, j]
+    return dx
+
+
+def relu_forward(x):
+    """y = x where x > 0, else 0."""
+    c.check_array("x", x)
+    y = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        if x[idx] > 0:
+            y[idx] = x[idx]
+    return y
+
+
+def relu_backward(dy, y):
+    """dx = dy where the forward output y > 0, else 0."""
+    c.check_relu_backward(dy, y)
+    dx = np.zeros_like(dy)
+    for idx in np.ndindex(dy.shape):
+        if y[idx] > 0:
+            dx[idx] = dy[idx]
+    return dx
+
+
+def dense_forward(x, w, b):
+    """y[n, o] = b[o] + sum_k x[n, k] * w[o, k]."""
+    c.check_dense_forward(x, w, b)
+    N, IN = x.shape
+    OUT = w.shape[0]
+    y = np.zeros((N, OUT), x.dtype)
+    for n in range(N):
+        for o in range(OUT):
+            total = b[o]
+            for k in range(IN):
+                total += x[n, k] * w[o, k]
+            y[n, o] = total
+    return y
+
+
+def dense_backward(dy, x, w):
+    """dx[n, k] = sum_o dy[n, o] w[o, k];  dw[o, k] = sum_n dy[n, o] x[n, k];
+    db[o] = sum_n dy[n, o]."""
+    c.check_dense_backward(dy, x, w)
+    N, IN = x.shape
+    OUT = w.shape[0]
+    dx = np.zeros((N, IN), dy.dtype)
+    dw = np.zeros((OUT, IN), dy.dtype)
+    db = np.zeros(OUT, dy.dtype)
+    for n in range(N):
+        for o in range(OUT):
+            db[o] += dy[n, o]
+            for k in range(IN):
+                dx[n, k] += dy[n, o] * w[o, k]
+                dw[o, k] += dy[n, o] * x[n, k]
+    return dx, dw, db
+
+
+def softmax_cross_entropy(logits, labels):
+    """p[n] = softmax(logits[n]); loss = -(1/N) sum_n log p[n, labels[n]];
+    dlogits[n, k] = (p[n, k] - [k == labels[n]]) / N."""
+    c.check_softmax_cross_entropy(logits, labels)
+    N, K = logits.shape
+    dlogits = np.zeros((N, K), logits.dtype)
+    loss = 0.0
+    for n in range(N):
+        # NOTE: subtract the row's max so that exp cannot overflow.
+        top = max(float(logits[n, k]) for k in range(K))
+        total = 0.0
+        for k in range(K):
+            total += math.exp(float(logits[n, k]) - top)
+        loss += math.log(total) + top - float(logits[n, labels[n]])
+        for k in range(K):
+            p = math.exp(float(logits[n, k]) - top) / total
+            dlogits[n, k] = (p - (1.0 if k == labels[n] else 0.0)) / N
+    return loss / N, dlogits
