@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from . import __version__, backend, datasets, models
+from . import __version__, backend, datasets, models, threads
 from .network import ConvNet
 
 
@@ -21,14 +21,32 @@ def _positive_int(text):
     return value
 
 
+def _add_compute_args(p):
+    p.add_argument("--backend", choices=tuple(backend.BACKENDS),
+                   help="kernel backend (default: $FASTCNN_BACKEND or "
+                        f"{backend.DEFAULT_BACKEND})")
+    p.add_argument("--threads", type=_positive_int,
+                   help="threads for the kernels (Numba and BLAS; default: all cores)")
+
+
+def _apply_compute_args(args):
+    if args.backend:
+        backend.set_backend(args.backend)
+    if args.threads:
+        threads.set_num_threads(args.threads)
+    if backend.get_backend() == "naive":
+        print("warning: the naive backend is the readable reference in plain Python loops, "
+              "about a thousand times slower than numpy/numba: keep runs small (--limit 200); "
+              "train tests on the first 200 test images unless --test-limit says otherwise",
+              file=sys.stderr, flush=True)
+
+
 def _add_data_args(p):
     p.add_argument("--dataset", default="mnist-sample", choices=datasets.NAMES,
                    help="dataset (default: %(default)s, shipped with fastcnn, no network needed)")
     p.add_argument("--data-dir", help="folder holding <dataset>/ (default: $FASTCNN_DATA or "
                                       "~/.cache/fastcnn)")
-    p.add_argument("--backend", choices=tuple(backend.BACKENDS),
-                   help="kernel backend (default: $FASTCNN_BACKEND or "
-                        f"{backend.DEFAULT_BACKEND})")
+    _add_compute_args(p)
     p.add_argument("--batch-size", type=_positive_int, default=None)
 
 
@@ -47,6 +65,8 @@ def _parser():
     train.add_argument("--lr", type=float, default=0.05, help="SGD learning rate")
     train.add_argument("--seed", type=int, default=0, help="seed for weights and shuffling")
     train.add_argument("--limit", type=_positive_int, help="train on the first N training images")
+    train.add_argument("--test-limit", type=_positive_int,
+                       help="test on the first N test images (default: all; 200 on naive)")
     train.add_argument("--val-fraction", type=float, default=0.1,
                        help="fraction of the training images held out for validation "
                             "(default: %(default)s)")
@@ -60,6 +80,7 @@ def _parser():
     evaluate.set_defaults(func=cmd_evaluate, batch_size=256)
 
     info = sub.add_parser("info", help="version, backends, threads, CPU")
+    info.add_argument("--threads", type=_positive_int, help="show the effect of --threads N")
     info.set_defaults(func=cmd_info)
     return parser
 
@@ -76,10 +97,11 @@ def _split(x, y, limit, val_fraction):
 
 
 def cmd_train(args):
-    if args.backend:
-        backend.set_backend(args.backend)
+    _apply_compute_args(args)
     (x, y), (x_test, y_test) = datasets.load(args.dataset, args.data_dir, raw=True)
     (x_train, y_train), val = _split(x, y, args.limit, args.val_fraction)
+    test_limit = args.test_limit or (200 if backend.get_backend() == "naive" else None)
+    x_test, y_test = x_test[:test_limit], y_test[:test_limit]
     net = models.build(args.model, dtype=args.dtype, seed=args.seed)
     held_out = f", {len(val[0])} validation" if val else ""
     print(f"fastcnn {__version__} | backend {backend.get_backend()} | model {args.model} "
@@ -99,8 +121,7 @@ def cmd_train(args):
 
 
 def cmd_evaluate(args):
-    if args.backend:
-        backend.set_backend(args.backend)
+    _apply_compute_args(args)
     net = ConvNet.load(args.path)
     _, (x_test, y_test) = datasets.load(args.dataset, args.data_dir, raw=True)
     result = net.evaluate(x_test, y_test, batch_size=args.batch_size)
@@ -122,20 +143,22 @@ def _cpu_model():
 
 
 def cmd_info(args):
+    import numba
+
+    if args.threads:
+        threads.set_num_threads(args.threads)
+    blas = threads.blas_num_threads()
     rows = [
         ("fastcnn", __version__),
         ("python", platform.python_version()),
-        ("numpy", np.__version__),
+        ("numpy", f"{np.__version__}, BLAS threads: {'unknown' if blas is None else blas}"),
+        ("numba", f"{numba.__version__}, {threads.get_num_threads()} threads "
+                  f"(max {threads.max_threads()}), threading layer "
+                  f"{threads.threading_layer()}"),
         ("backends", ", ".join(backend.available_backends())),
         ("active backend", backend.get_backend()),
         ("CPU", f"{_cpu_model()} ({os.cpu_count()} logical cores)"),
     ]
-    try:
-        import numba
-
-        rows.insert(3, ("numba", f"{numba.__version__}, {numba.get_num_threads()} threads"))
-    except ImportError:
-        rows.insert(3, ("numba", "not installed"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

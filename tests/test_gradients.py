@@ -81,7 +81,7 @@ def test_softmax_cross_entropy_gradient(backend_name, rng, n):
                                rtol=RTOL, atol=ATOL)
 
 
-def test_whole_network_gradient(backend_name, rng):
+def test_whole_network_gradient(fast_backend_name, rng):
     """Chain rule through every layer of the simple CNN, on a few weights of each layer."""
     net = simple_cnn(dtype=F64, seed=1)
     x = rng.random((2, 1, 28, 28))
