@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -79,6 +80,29 @@ def _parser():
     _add_data_args(evaluate)
     evaluate.set_defaults(func=cmd_evaluate, batch_size=256)
 
+    bench = sub.add_parser(
+        "bench", help="training and inference speed of each backend (and PyTorch, if installed)",
+        description="Train each backend (and PyTorch CPU, when installed) on the same model, "
+                    "batch, threads and data, interleaved in one run; report images/s, epoch "
+                    "time, peak memory, Numba's compile time and the ratios against PyTorch.")
+    bench.add_argument("--model", nargs="+", default=["simple"], choices=models.MODELS)
+    bench.add_argument("--batch-size", nargs="+", type=_positive_int, default=[10])
+    bench.add_argument("--backend", nargs="+", default=["numpy", "numba"],
+                       choices=tuple(backend.BACKENDS),
+                       help="backends to measure (default: numpy numba; naive is opt-in: it "
+                            "runs one batch, which takes minutes on the complex model)")
+    bench.add_argument("--threads", type=_positive_int,
+                       help="threads for every engine, PyTorch included (default: all cores)")
+    bench.add_argument("--rounds", type=_positive_int, default=3)
+    bench.add_argument("--seconds", type=float, default=2.0,
+                       help="about how long each engine trains (and infers) per round")
+    bench.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
+    bench.add_argument("--no-compile-time", action="store_true",
+                       help="skip timing Numba's cold and cached start (two extra processes)")
+    bench.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    bench.add_argument("--plot", metavar="PATH", help="write a PNG chart (needs matplotlib)")
+    bench.set_defaults(func=cmd_bench)
+
     info = sub.add_parser("info", help="version, backends, threads, CPU")
     info.add_argument("--threads", type=_positive_int, help="show the effect of --threads N")
     info.set_defaults(func=cmd_info)
@@ -131,6 +155,34 @@ def cmd_evaluate(args):
     return 0
 
 
+def cmd_bench(args):
+    from . import benchmark
+
+    if args.threads and args.threads > threads.max_threads():
+        raise ValueError(f"--threads must be at most {threads.max_threads()}")
+    if args.seconds <= 0:
+        raise ValueError(f"--seconds must be positive, got {args.seconds}")
+    progress = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    results = benchmark.run(args.model, args.batch_size, args.backend, args.threads,
+                            args.rounds, args.seconds, use_torch=not args.no_torch,
+                            compile_time=not args.no_compile_time, progress=progress)
+    machine = f"{_cpu_model()}, {os.cpu_count()} logical cores"
+    print(f"fastcnn {__version__} bench on {machine}")
+    for result in results:
+        print()
+        print(benchmark.format_table(result))
+    if args.json:
+        meta = {"fastcnn": __version__, "cpu": machine, "argv": sys.argv[1:],
+                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        with open(args.json, "w") as f:
+            json.dump(benchmark.to_json(results, meta), f, indent=2)
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        benchmark.plot(results, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def _cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
@@ -172,7 +224,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("fastcnn: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, FloatingPointError, ImportError) as e:
+    except (ValueError, TypeError, OSError, FloatingPointError, ImportError, RuntimeError) as e:
         print(f"fastcnn: error: {e}", file=sys.stderr)
         return 1
 

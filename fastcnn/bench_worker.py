@@ -1,0 +1,160 @@
+"""One training engine in a process of its own, timed on command by ``fastcnn bench``.
+
+Each engine (a fastcnn backend, or PyTorch) runs in its own process so that thread runtimes never
+share one: Numba's OpenMP pool, OpenBLAS's and PyTorch's own OpenMP build spinning on the same
+cores stall each other. The parent starts every engine of one configuration, then asks them in
+turn to run a number of batches, so that drift on a shared machine hits all of them alike.
+
+Protocol, one JSON object per line: the worker prints ``{"ready": ..., "first_batch_s": ...}``
+once warm, then answers ``train N``, ``infer N`` (N batches) with ``{"seconds", "images"}``,
+``stats`` with ``{"peak_rss_mb"}``; ``quit`` ends it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import numpy as np
+
+TORCH = "torch"
+
+
+class FastcnnEngine:
+    def __init__(self, backend, model, batch_size, threads, lr=0.05, seed=0):
+        import fastcnn
+        from fastcnn import models
+
+        fastcnn.set_backend(backend)
+        if threads:
+            fastcnn.set_num_threads(threads)
+        self.net = models.build(model, seed=seed)
+        self.opt = fastcnn.SGD(lr)
+        self.buf = np.empty((batch_size, 1, 28, 28), np.float32)
+
+    def _scale(self, x):
+        # The same uint8 -> float32 / 255 conversion as ConvNet.fit, into a reused buffer.
+        return np.multiply(x, np.float32(1 / 255), out=self.buf[: len(x)])
+
+    def train(self, x, y):
+        self.net.train_step(self._scale(x), y, self.opt)
+
+    def infer(self, x):
+        return self.net.forward(self._scale(x)).argmax(axis=1)
+
+
+def torch_model(name):
+    """The fastcnn model ``name`` built in PyTorch, layer for layer."""
+    from torch import nn
+
+    if name == "simple":
+        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Flatten(), nn.Linear(8 * 14 * 14, 10))
+    if name == "complex":
+        return nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
+    raise ValueError(f"Unknown model {name!r}")
+
+
+class TorchEngine:
+    """PyTorch CPU on the same architecture, loss (mean cross-entropy) and plain SGD."""
+
+    def __init__(self, model, batch_size, threads, lr=0.05, seed=0):
+        import torch
+
+        self.torch = torch
+        if threads:
+            torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        self.net = torch_model(model)
+        self.opt = torch.optim.SGD(self.net.parameters(), lr=lr)
+        self.loss = torch.nn.CrossEntropyLoss()
+
+    def _scale(self, x):
+        return self.torch.from_numpy(x).float().div_(255)
+
+    def train(self, x, y):
+        self.opt.zero_grad(set_to_none=True)
+        self.loss(self.net(self._scale(x)), self.torch.from_numpy(y)).backward()
+        self.opt.step()
+
+    def infer(self, x):
+        with self.torch.inference_mode():
+            return self.net(self._scale(x)).argmax(dim=1)
+
+
+def make_engine(engine, model, batch_size, threads):
+    if engine == TORCH:
+        return TorchEngine(model, batch_size, threads)
+    return FastcnnEngine(engine, model, batch_size, threads)
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def serve(engine, model, batch_size, threads, warmup=True):
+    from fastcnn import datasets
+
+    (x, y), _ = datasets.load("mnist-sample", raw=True)
+    x, y = np.ascontiguousarray(x), y.astype(np.int64)
+    starts = range(0, len(x) - batch_size + 1, batch_size)
+    batches = [(x[s : s + batch_size], y[s : s + batch_size]) for s in starts]
+    if not batches:
+        raise ValueError(f"batch size {batch_size} exceeds the {len(x)} sample images")
+    t0 = time.perf_counter()
+    runner = make_engine(engine, model, batch_size, threads)
+    first = None
+    if warmup:  # the first batch pays for compiling (numba) or allocating (torch)
+        start = time.perf_counter()
+        runner.train(*batches[0])
+        runner.infer(batches[0][0])
+        first = time.perf_counter() - start
+    reply({"ready": True, "setup_s": time.perf_counter() - t0, "first_batch_s": first})
+    cursor = 0
+    for line in sys.stdin:
+        words = line.split()
+        if not words:
+            continue
+        if words[0] == "quit":
+            break
+        if words[0] == "stats":
+            reply({"peak_rss_mb": peak_rss_mb()})
+            continue
+        count = int(words[1])
+        start = time.perf_counter()
+        for _ in range(count):
+            xb, yb = batches[cursor % len(batches)]
+            cursor += 1
+            if words[0] == "train":
+                runner.train(xb, yb)
+            else:
+                runner.infer(xb)
+        reply({"seconds": time.perf_counter() - start, "images": count * batch_size})
+
+
+def reply(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("engine", help="a fastcnn backend name, or 'torch'")
+    p.add_argument("model")
+    p.add_argument("batch_size", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--no-warmup", action="store_true")
+    args = p.parse_args(argv)
+    serve(args.engine, args.model, args.batch_size, args.threads, warmup=not args.no_warmup)
+
+
+if __name__ == "__main__":
+    main()

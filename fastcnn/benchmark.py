@@ -1,0 +1,255 @@
+"""``fastcnn bench``: end-to-end training and inference speed of each backend, and of PyTorch CPU
+on the same architecture, batch, thread count and data, measured in one interleaved run.
+
+For each (model, batch size) every engine gets a process of its own (see ``bench_worker``); then,
+round after round, each engine in turn trains for about ``seconds`` and infers for as long. Speeds
+are the median over rounds; the ratio against PyTorch is taken within each round, then the median,
+so that the machine's drift (these machines are shared) cancels out.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+
+from . import jit_cost
+from .bench_worker import TORCH
+
+EPOCH_IMAGES = 60_000  # one epoch of MNIST / Fashion-MNIST
+
+
+def torch_available():
+    return importlib.util.find_spec("torch") is not None
+
+
+class Worker:
+    """A bench_worker process, spoken to line by line."""
+
+    def __init__(self, engine, model, batch_size, threads):
+        cmd = [sys.executable, "-m", "fastcnn.bench_worker", engine, model, str(batch_size)]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        if engine == "naive":
+            cmd.append("--no-warmup")  # nothing to compile, and one batch takes minutes
+        self.engine = engine
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.ready = self._read()
+
+    def _read(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read().strip().splitlines()
+            raise RuntimeError(f"the {self.engine} benchmark worker died: "
+                               f"{err[-1] if err else 'no output'}")
+        return json.loads(line)
+
+    def ask(self, command):
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def rate(self, what, batches):
+        r = self.ask(f"{what} {batches}")
+        return r["images"] / r["seconds"]
+
+    def close(self):
+        """Ask for the peak memory, then end the process."""
+        stats = self.ask("stats")
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        self.proc.wait(timeout=60)
+        return stats
+
+
+@dataclass
+class EngineResult:
+    engine: str
+    train_ips: float
+    infer_ips: float
+    peak_rss_mb: float
+    rounds: int
+    batches_per_round: int
+    first_batch_s: float | None = None
+    train_vs_torch: float | None = None
+    infer_vs_torch: float | None = None
+
+    @property
+    def epoch_s(self):
+        return EPOCH_IMAGES / self.train_ips
+
+
+@dataclass
+class ConfigResult:
+    model: str
+    batch_size: int
+    threads: int
+    engines: list = field(default_factory=list)
+    compile: dict | None = None  # numba cold / cached start, from jit_cost
+
+
+def _batches_for(worker, seconds, batch_size):
+    """How many batches take about ``seconds`` for this engine (at least 1)."""
+    if worker.engine == "naive":
+        return 1
+    probe = 2 if batch_size >= 64 else 5
+    ips = worker.rate("train", probe)
+    return max(1, round(seconds * ips / batch_size))
+
+
+def run_config(model, batch_size, engines, threads, rounds, seconds, progress=print):
+    """Measure every engine on one (model, batch size), interleaved; returns a ConfigResult."""
+    workers = []
+    try:
+        for engine in engines:
+            progress(f"  starting {engine} ...")
+            workers.append(Worker(engine, model, batch_size, threads))
+        counts = {w.engine: _batches_for(w, seconds, batch_size) for w in workers}
+        train = {w.engine: [] for w in workers}
+        infer = {w.engine: [] for w in workers}
+        for r in range(rounds):
+            order = workers[r % len(workers):] + workers[: r % len(workers)]
+            for w in order:
+                if w.engine == "naive" and r > 0:
+                    continue  # one round of one batch is all the loops can afford
+                train[w.engine].append(w.rate("train", counts[w.engine]))
+                infer[w.engine].append(w.rate("infer", counts[w.engine]))
+            progress(f"  round {r + 1}/{rounds}: " + ", ".join(
+                f"{e} {train[e][-1]:,.0f} img/s" for e in train if len(train[e]) == r + 1))
+        stats = {w.engine: w.close() for w in workers}
+    finally:
+        for w in workers:
+            if w.proc.poll() is None:
+                w.proc.kill()
+                w.proc.wait()
+    result = ConfigResult(model, batch_size, threads or os.cpu_count())
+    for w in workers:
+        e = w.engine
+        res = EngineResult(e, statistics.median(train[e]), statistics.median(infer[e]),
+                           stats[e]["peak_rss_mb"], len(train[e]), counts[e],
+                           w.ready.get("first_batch_s"))
+        if TORCH in train and e != TORCH:
+            n = len(train[e])  # the rounds this engine ran; torch ran in each of them
+            res.train_vs_torch = statistics.median(
+                a / b for a, b in zip(train[e], train[TORCH][:n], strict=True))
+            res.infer_vs_torch = statistics.median(
+                a / b for a, b in zip(infer[e], infer[TORCH][:n], strict=True))
+        result.engines.append(res)
+    return result
+
+
+def _duration(seconds):
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def format_table(result):
+    head = (f"model {result.model}, batch {result.batch_size}, {result.threads} threads, "
+            f"float32, mnist-sample")
+    rows = [("engine", "train img/s", "infer img/s", "epoch (60k)", "30 epochs", "peak RSS",
+             "train vs torch", "infer vs torch")]
+    for e in result.engines:
+        rows.append((
+            e.engine if e.engine == TORCH else f"fastcnn {e.engine}",
+            f"{e.train_ips:,.0f}" if e.train_ips >= 10 else f"{e.train_ips:.2f}",
+            f"{e.infer_ips:,.0f}" if e.infer_ips >= 10 else f"{e.infer_ips:.2f}",
+            _duration(e.epoch_s), _duration(30 * e.epoch_s), f"{e.peak_rss_mb:,.0f} MB",
+            "-" if e.train_vs_torch is None else f"{e.train_vs_torch:.2f}x",
+            "-" if e.infer_vs_torch is None else f"{e.infer_vs_torch:.2f}x",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [head]
+    for k, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:],
+                                                                         strict=True)]
+        lines.append("  ".join(cells))
+        if k == 0:
+            lines.append("-" * len(lines[-1]))
+    rounds = {e.engine: e.rounds for e in result.engines}
+    lines.append("rounds: " + ", ".join(f"{k} {v}" for k, v in rounds.items()))
+    if result.compile:
+        cold, cached = result.compile["cold"], result.compile["cached"]
+        lines.append(f"numba start to the end of the first batch: cold {cold['to_first_batch_s']:.1f}"
+                     f" s (compiling), cached {cached['to_first_batch_s']:.2f} s")
+    return "\n".join(lines)
+
+
+def to_json(results, meta):
+    out = {"meta": meta, "results": []}
+    for r in results:
+        d = asdict(r)
+        for e, src in zip(d["engines"], r.engines, strict=True):
+            e["epoch_s"] = src.epoch_s
+        out["results"].append(d)
+    return out
+
+
+def plot(results, path):
+    """Training images/s per engine on a log scale, one group per (model, batch), PyTorch as a
+    reference line across its group."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("--plot needs matplotlib: pip install -e \".[plot]\"") from e
+    engines = [e for e in dict.fromkeys(x.engine for r in results for x in r.engines)
+               if e != TORCH]
+    width = 0.8 / max(len(engines), 1)
+    fig, ax = plt.subplots(figsize=(2.2 + 2.2 * len(results), 4.2))
+    colors = {"naive": "#b0b0b0", "numpy": "#4c72b0", "numba": "#dd8452"}
+    for g, r in enumerate(results):
+        by = {e.engine: e for e in r.engines}
+        for k, name in enumerate(engines):
+            if name in by:
+                x = g - 0.4 + width * (k + 0.5)
+                ips = by[name].train_ips
+                ax.bar(x, ips, width * 0.9, color=colors.get(name, "#55a868"),
+                       label=name if g == 0 else None)
+                ax.annotate(f"{ips:,.0f}" if ips >= 10 else f"{ips:.1f}", (x, ips),
+                            ha="center", va="bottom", fontsize=7)
+        if TORCH in by:
+            ax.hlines(by[TORCH].train_ips, g - 0.45, g + 0.45, colors="black", linestyles="--",
+                      label="PyTorch CPU" if g == 0 else None)
+    ax.set_xticks(range(len(results)), [f"{r.model}\nbatch {r.batch_size}" for r in results])
+    ax.set_yscale("log")
+    lowest = min(e.train_ips for r in results for e in r.engines)
+    ax.set_ylim(bottom=10 ** math.floor(math.log10(lowest * 0.8)))  # bars start on a decade
+    ax.set_ylabel("training images/s (log scale)")
+    ax.set_title(f"fastcnn training speed, {results[0].threads} threads, float32")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(models, batch_sizes, backends, threads=None, rounds=3, seconds=2.0, use_torch=True,
+        compile_time=True, progress=print):
+    """Every (model, batch) configuration in turn; returns a list of ConfigResult."""
+    engines = list(backends)
+    if use_torch:
+        if torch_available():
+            engines.append(TORCH)
+        else:
+            progress("PyTorch is not installed: measuring fastcnn alone "
+                     "(pip install torch==2.13.0 adds the comparison).")
+    results = []
+    for model in models:
+        for batch in batch_sizes:
+            progress(f"{model} model, batch {batch}:")
+            result = run_config(model, batch, engines, threads, rounds, seconds, progress)
+            if compile_time and "numba" in backends:
+                progress("  timing numba's compile (cold and cached starts) ...")
+                result.compile = jit_cost.cold_and_cached(model, batch)
+            results.append(result)
+    return results
