@@ -177,9 +177,10 @@ def format_table(result):
     rounds = {e.engine: e.rounds for e in result.engines}
     lines.append("rounds: " + ", ".join(f"{k} {v}" for k, v in rounds.items()))
     if result.compile:
-        cold, cached = result.compile["cold"], result.compile["cached"]
-        lines.append(f"numba start to the end of the first batch: cold {cold['to_first_batch_s']:.1f}"
-                     f" s (compiling), cached {cached['to_first_batch_s']:.2f} s")
+        cold = result.compile["cold"]["to_first_batch_s"]
+        cached = result.compile["cached"]["to_first_batch_s"]
+        lines.append(f"numba, start to the end of the first batch: cold {cold:.1f} s "
+                     f"(compiling), cached {cached:.2f} s")
     return "\n".join(lines)
 
 
