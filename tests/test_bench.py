@@ -1,0 +1,97 @@
+"""fastcnn bench, its worker processes, and PyTorch as an oracle for the benchmarked models."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fastcnn import benchmark
+from fastcnn.bench_worker import TORCH
+
+
+def test_bench_cli_table_json_and_chart(tmp_path):
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    run = subprocess.run(
+        [sys.executable, "-m", "fastcnn.cli", "bench", "--model", "simple", "--batch-size", "4",
+         "--backend", "numpy", "numba", "--rounds", "2", "--seconds", "0.05", "--no-torch",
+         "--no-compile-time", "--json", str(out), "--plot", str(png)],
+        capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "model simple, batch 4" in run.stdout and "fastcnn numba" in run.stdout
+    data = json.loads(out.read_text())
+    (result,) = data["results"]
+    assert (result["model"], result["batch_size"]) == ("simple", 4)
+    engines = {e["engine"]: e for e in result["engines"]}
+    assert set(engines) == {"numpy", "numba"}
+    for e in engines.values():
+        assert e["train_ips"] > 0 and e["infer_ips"] > 0 and e["rounds"] == 2
+        assert e["peak_rss_mb"] > 10  # a whole Python process with NumPy
+        assert e["epoch_s"] == pytest.approx(60000 / e["train_ips"])
+        assert e["train_vs_torch"] is None
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_without_torch_says_so_and_still_runs(monkeypatch):
+    monkeypatch.setattr(benchmark, "torch_available", lambda: False)
+    said = []
+    results = benchmark.run(["simple"], [2], ["numpy"], rounds=1, seconds=0.01,
+                            compile_time=False, progress=said.append)
+    assert any("PyTorch is not installed" in s for s in said)
+    assert [e.engine for e in results[0].engines] == ["numpy"]
+
+
+def test_worker_death_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="numpy benchmark worker died.*batch size 9000"):
+        benchmark.Worker("numpy", "simple", 9000, None)
+
+
+def test_bench_rejects_bad_options():
+    run = subprocess.run([sys.executable, "-m", "fastcnn.cli", "bench", "--seconds", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "--seconds must be positive" in run.stderr
+
+
+@pytest.mark.parametrize("model", ["simple", "complex"])
+def test_torch_model_is_the_same_network_and_step(model, rng):
+    """Oracle: with fastcnn's weights copied into the PyTorch model, one SGD step on the same
+    batch gives the same loss and the same new weights -- the benchmark compares like with like,
+    and fastcnn's gradients agree with PyTorch's autograd."""
+    torch = pytest.importorskip("torch")
+    from fastcnn import SGD
+    from fastcnn.bench_worker import torch_model
+    from fastcnn.models import build
+
+    net = build(model, dtype=np.float64, seed=1)
+    tnet = torch_model(model).double()
+    ours = [layer for layer in net.layers if layer.params]
+    theirs = [m for m in tnet if sum(p.numel() for p in m.parameters())]
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs, strict=True):
+        b.weight.data = torch.from_numpy(a.params["weight"].copy())
+        b.bias.data = torch.from_numpy(a.params["bias"].copy())
+    x = rng.random((3, 1, 28, 28))
+    y = np.array([1, 7, 3])
+    loss, _ = net.train_step(x, y, SGD(0.1))
+    opt = torch.optim.SGD(tnet.parameters(), lr=0.1)
+    tloss = torch.nn.functional.cross_entropy(tnet(torch.from_numpy(x)), torch.from_numpy(y))
+    tloss.backward()
+    opt.step()
+    assert loss == pytest.approx(tloss.item(), rel=1e-10)
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(a.params["weight"], b.weight.detach().numpy(), rtol=1e-9,
+                                   atol=1e-12)
+        np.testing.assert_allclose(a.params["bias"], b.bias.detach().numpy(), rtol=1e-9,
+                                   atol=1e-12)
+
+
+def test_bench_with_torch_reports_ratios():
+    pytest.importorskip("torch")
+    results = benchmark.run(["simple"], [4], ["numba"], rounds=2, seconds=0.05,
+                            compile_time=False, progress=lambda s: None)
+    engines = {e.engine: e for e in results[0].engines}
+    assert set(engines) == {"numba", TORCH}
+    numba = engines["numba"]
+    assert numba.train_vs_torch > 0 and numba.infer_vs_torch > 0
+    assert engines[TORCH].train_vs_torch is None
