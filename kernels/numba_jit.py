@@ -110,10 +110,113 @@ def _conv_forward_s1(xf, w, b, wp, y):
                     y[n, f0 + r, i, j] = acc[r, i * wp + j]
 
 
+# -- 3x3, stride 1: every layer of the seed's models ------------------------------------------
+# NOTE: these name all nine taps explicitly. With the tap loop inside the contiguous loop, the
+# compiler cannot vectorize over k; with it outside (the generic kernel above), every tap re-reads
+# and re-writes the whole accumulator. Here a filter's nine weights stay in registers, each
+# output vector is loaded and stored once per input channel, and the nine products are summed as
+# a short tree rather than one 9-long chain of dependent FMAs.
+
+
+@_serial
+def _taps3x3(w, f, ch):
+    return (w[f, ch, 0, 0], w[f, ch, 0, 1], w[f, ch, 0, 2], w[f, ch, 1, 0], w[f, ch, 1, 1],
+            w[f, ch, 1, 2], w[f, ch, 2, 0], w[f, ch, 2, 1], w[f, ch, 2, 2])
+
+
+@_serial
+def _dot9(t, v0, v1, v2, v3, v4, v5, v6, v7, v8):
+    top = t[0] * v0 + t[1] * v1 + t[2] * v2
+    mid = t[3] * v3 + t[4] * v4 + t[5] * v5
+    low = t[6] * v6 + t[7] * v7 + t[8] * v8
+    return (top + mid) + low
+
+
+def _channel_planes(x, ph, pw):
+    """x (N, C, H, W) zero-padded and laid out channel-major: (C, N*Hp*Wp), every image's padded
+    plane of one channel after the other, so one flat loop runs across the whole batch."""
+    n, ch, h, w = x.shape
+    hp, wp = h + 2 * ph, w + 2 * pw
+    out = np.zeros((ch, n, hp, wp), x.dtype)
+    out[:, :, ph : ph + h, pw : pw + w] = x.transpose(1, 0, 2, 3)
+    return out.reshape(ch, n * hp * wp), hp, wp
+
+
+_CHUNK = 4096  # values of one channel per forward task: the accumulator stays in L1
+
+
+@_parallel
+def _conv3x3_forward_s1(xf, w, b, hp, wp, y):
+    C, F = xf.shape[0], w.shape[0]
+    N, OH, OW = y.shape[0], y.shape[2], y.shape[3]
+    plane = hp * wp
+    per_task = max(1, _CHUNK // plane)  # images per task
+    chunks = (N + per_task - 1) // per_task
+    r1, r2 = wp, 2 * wp  # flat offsets of the kernel's second and third rows
+    for t in prange(F * chunks):  # one filter on a run of images per task
+        f, n0 = t // chunks, (t % chunks) * per_task
+        m = min(per_task, N - n0)
+        L = ((m - 1) * hp + OH - 1) * wp + OW  # up to the run's last real output
+        acc = np.empty(L, y.dtype)
+        acc[:] = b[f]
+        for ch in range(C):
+            xc = xf[ch, n0 * plane : (n0 + m) * plane]
+            x0, x1, x2 = xc[0:L], xc[1 : 1 + L], xc[2 : 2 + L]
+            x3, x4, x5 = xc[r1 : r1 + L], xc[r1 + 1 : r1 + 1 + L], xc[r1 + 2 : r1 + 2 + L]
+            x6, x7, x8 = xc[r2 : r2 + L], xc[r2 + 1 : r2 + 1 + L], xc[r2 + 2 : r2 + 2 + L]
+            taps = _taps3x3(w, f, ch)
+            for k in range(L):
+                acc[k] += _dot9(taps, x0[k], x1[k], x2[k], x3[k], x4[k], x5[k], x6[k], x7[k],
+                                x8[k])
+        for i in range(m):
+            for r in range(OH):
+                out, row = y[n0 + i, f, r], acc[i * plane + r * wp : i * plane + r * wp + OW]
+                for j in range(OW):
+                    out[j] = row[j]
+
+
+@_parallel
+def _conv3x3_grad_weight_s1(xf, dyf, wp, dw, db):
+    C, F = xf.shape[0], dw.shape[0]
+    L = xf.shape[1] - 2 * wp - 2  # every output position of the batch, junk ones included
+    r1, r2 = wp, 2 * wp
+    for t in prange(F * C):  # the nine weights of one (filter, channel) per task
+        f, ch = t // C, t % C
+        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = dw[f, ch, 0, 0]  # zero, in the dtype
+        g = dyf[f, 0:L]
+        xc = xf[ch]
+        x0, x1, x2 = xc[0:L], xc[1 : 1 + L], xc[2 : 2 + L]
+        x3, x4, x5 = xc[r1 : r1 + L], xc[r1 + 1 : r1 + 1 + L], xc[r1 + 2 : r1 + 2 + L]
+        x6, x7, x8 = xc[r2 : r2 + L], xc[r2 + 1 : r2 + 1 + L], xc[r2 + 2 : r2 + 2 + L]
+        for k in range(L):
+            gk = g[k]
+            s0 += gk * x0[k]
+            s1 += gk * x1[k]
+            s2 += gk * x2[k]
+            s3 += gk * x3[k]
+            s4 += gk * x4[k]
+            s5 += gk * x5[k]
+            s6 += gk * x6[k]
+            s7 += gk * x7[k]
+            s8 += gk * x8[k]
+        dw[f, ch, 0, 0], dw[f, ch, 0, 1], dw[f, ch, 0, 2] = s0, s1, s2
+        dw[f, ch, 1, 0], dw[f, ch, 1, 1], dw[f, ch, 1, 2] = s3, s4, s5
+        dw[f, ch, 2, 0], dw[f, ch, 2, 1], dw[f, ch, 2, 2] = s6, s7, s8
+    for f in prange(F):
+        acc = db[f]
+        g = dyf[f]
+        for k in range(g.shape[0]):
+            acc += g[k]
+        db[f] = acc
+
+
 def _forward(x, w, b, stride, ph, pw, shape):
     y = np.empty(shape, x.dtype)
     w = np.ascontiguousarray(w)
-    if stride == 1:
+    if stride == 1 and w.shape[2:] == (3, 3):
+        xf, hp, wp = _channel_planes(x, ph, pw)
+        _conv3x3_forward_s1(xf, w, b, hp, wp, y)
+    elif stride == 1:
         xp = _padded(x, ph, pw)
         _conv_forward_s1(_flat_planes(xp), w, b, xp.shape[3], y)
     else:
@@ -187,6 +290,13 @@ def conv2d_grad_weight(x, dy, kernel_size, stride, pad):
     n, f, oh, ow = dy.shape
     dw = np.zeros((f, x.shape[1], kh, kw), x.dtype)
     db = np.zeros(f, x.dtype)
+    if stride == 1 and (kh, kw) == (3, 3):
+        xf, hp, wp = _channel_planes(x, pad, pad)
+        # dy laid out like x, its junk rows and columns zero so they add nothing to the sums.
+        dyw = np.zeros((f, n, hp, wp), dy.dtype)
+        dyw[:, :, :oh, :ow] = dy.transpose(1, 0, 2, 3)
+        _conv3x3_grad_weight_s1(xf, dyw.reshape(f, -1), wp, dw, db)
+        return dw, db
     xp = _padded(x, pad)
     if stride == 1:
         wp = xp.shape[3]
@@ -259,12 +369,37 @@ def _pool_forward(x, size, stride, y, argmax):
                 argmax[n, ch, i, j] = bh * W + bv
 
 
+@_parallel
+def _pool2x2_forward(x, y, argmax):
+    N, C, _, W = x.shape
+    OH, OW = y.shape[2], y.shape[3]
+    for t in prange(N * C):  # one plane per task
+        n, ch = t // C, t % C
+        for i in range(OH):
+            top, bottom = x[n, ch, 2 * i], x[n, ch, 2 * i + 1]
+            out, arg = y[n, ch, i], argmax[n, ch, i]
+            for j in range(OW):
+                # NOTE: strictly greater, in row-major window order: ties keep the first maximum
+                best, at = top[2 * j], 2 * i * W + 2 * j
+                if top[2 * j + 1] > best:
+                    best, at = top[2 * j + 1], 2 * i * W + 2 * j + 1
+                if bottom[2 * j] > best:
+                    best, at = bottom[2 * j], (2 * i + 1) * W + 2 * j
+                if bottom[2 * j + 1] > best:
+                    best, at = bottom[2 * j + 1], (2 * i + 1) * W + 2 * j + 1
+                out[j] = best
+                arg[j] = at
+
+
 def maxpool2d_forward(x, size, stride):
     """Max over size x size windows moved by stride: (y (N, C, OH, OW), argmax int64 h*W + w)."""
     size, stride, shape = c.check_pool_forward(x, size, stride)
     y = np.empty(shape, x.dtype)
     argmax = np.empty(shape, np.int64)
-    _pool_forward(np.ascontiguousarray(x), size, stride, y, argmax)
+    if size == 2 and stride == 2:  # the seed's models pool only this way
+        _pool2x2_forward(np.ascontiguousarray(x), y, argmax)
+    else:
+        _pool_forward(np.ascontiguousarray(x), size, stride, y, argmax)
     return y, argmax
 
 
