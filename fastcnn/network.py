@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from . import serialize
+from .backend import kernels
 from .layers import Layer, SoftmaxCrossEntropy
 
 
@@ -24,9 +25,10 @@ class SGD:
         self.lr = float(lr)
 
     def step(self, net):
+        update = kernels().sgd_update
         for layer in net.layers:
             for key, p in layer.params.items():
-                p -= self.lr * layer.grads[key]
+                update(p, layer.grads[key], self.lr)
 
 
 class ConvNet:

@@ -21,6 +21,7 @@ Shapes, with ``OH = (H + 2*pad - KH) // stride + 1`` for convolution and
 - ``dense_backward(dy, x, w) -> (dx, dw, db)``.
 - ``softmax_cross_entropy(logits, labels) -> (loss, dlogits)``: logits (N, K), labels (N,) ints
   in [0, K); loss is the mean over the batch, dlogits its gradient.
+- ``sgd_update(param, grad, lr) -> None``: param -= lr * grad, in place (the optimizer's step).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ KERNELS = (
     "dense_forward",
     "dense_backward",
     "softmax_cross_entropy",
+    "sgd_update",
 )
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -195,6 +197,17 @@ def check_dense_backward(dy, x, w):
         raise ValueError(
             f"shapes do not match a dense layer: dy {dy.shape}, x {x.shape}, w {w.shape}"
         )
+
+
+def check_sgd_update(param, grad, lr):
+    check_array("param", param)
+    check_array("grad", grad, param.ndim, param.dtype)
+    if grad.shape != param.shape:
+        raise ValueError(f"grad {grad.shape} does not match param {param.shape}")
+    if not param.flags.c_contiguous or not param.flags.writeable:
+        raise ValueError("param must be a writeable C-contiguous array (it is updated in place)")
+    if not (isinstance(lr, (int, float, np.floating)) and np.isfinite(lr)):
+        raise ValueError(f"lr must be a finite number, got {lr!r}")
 
 
 def check_softmax_cross_entropy(logits, labels):

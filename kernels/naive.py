@@ -196,3 +196,10 @@ def softmax_cross_entropy(logits, labels):
             p = math.exp(float(logits[n, k]) - top) / total
             dlogits[n, k] = (p - (1.0 if k == labels[n] else 0.0)) / N
     return loss / N, dlogits
+
+
+def sgd_update(param, grad, lr):
+    """param[i] -= lr * grad[i] for every index i, in place."""
+    c.check_sgd_update(param, grad, lr)
+    for idx in np.ndindex(param.shape):
+        param[idx] -= lr * grad[idx]

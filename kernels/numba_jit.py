@@ -544,3 +544,25 @@ def softmax_cross_entropy(logits, labels):
     loss = _softmax_cross_entropy(np.ascontiguousarray(logits),
                                   np.ascontiguousarray(labels, dtype=np.int64), dlogits)
     return float(loss), dlogits
+
+
+@_parallel
+def _sgd_update(param, grad, lr):
+    for i in prange(param.size):
+        param[i] -= lr * grad[i]
+
+
+@_serial
+def _sgd_update_serial(param, grad, lr):
+    for i in range(param.size):
+        param[i] -= lr * grad[i]
+
+
+_PARALLEL_MIN = 1 << 16  # below this many values a thread launch costs more than it saves
+
+
+def sgd_update(param, grad, lr):
+    """param -= lr * grad, in place, in one pass (no temporary array)."""
+    c.check_sgd_update(param, grad, lr)
+    kernel = _sgd_update if param.size >= _PARALLEL_MIN else _sgd_update_serial
+    kernel(param.reshape(-1), np.ascontiguousarray(grad).reshape(-1), param.dtype.type(lr))

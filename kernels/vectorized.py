@@ -133,3 +133,9 @@ def softmax_cross_entropy(logits, labels):
     dlogits[rows, labels] -= 1
     dlogits /= n
     return loss, dlogits
+
+
+def sgd_update(param, grad, lr):
+    """param -= lr * grad, in place."""
+    c.check_sgd_update(param, grad, lr)
+    param -= param.dtype.type(lr) * grad

@@ -159,3 +159,16 @@ def test_plain_python_mode_is_really_plain_python():
 
     plain = isinstance(numba_jit._conv_forward_s1, types.FunctionType)
     assert plain == NO_JIT
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sgd_update_agrees_with_naive(fast, rng, dtype):
+    p = rng.standard_normal((3, 4, 2)).astype(dtype)
+    g = rng.standard_normal(p.shape).astype(dtype)
+    expected = p.copy()
+    NAIVE.sgd_update(expected, g, 0.1)
+    assert not np.allclose(expected, p)
+    fast.sgd_update(p, g, 0.1)
+    np.testing.assert_allclose(p, expected, **tol(dtype))
+    with pytest.raises(ValueError, match="does not match"):
+        fast.sgd_update(p, g[:1], 0.1)
