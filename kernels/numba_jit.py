@@ -19,6 +19,9 @@ from . import _contract as c
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 _parallel = njit(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
 _serial = njit(cache=True, fastmath=FASTMATH, nogil=True)
+# Elementwise work on fewer values than this runs on one thread: waking the thread pool costs
+# more than the loop (the simple model at batch 10 is dominated by such per-call costs).
+_PARALLEL_MIN = 1 << 17
 
 
 def _padded(x, ph, pw=None):
@@ -425,9 +428,17 @@ def maxpool2d_backward(dy, argmax, input_shape, size, stride):
 # -- elementwise, dense, loss -----------------------------------------------------------------
 
 
+# NOTE: each serial twin is its own function, not a second jit of the parallel one: Numba's
+# on-disk cache is keyed by the function, so two builds of one function would share entries.
 @_parallel
 def _relu_forward(x, y):
     for i in prange(x.size):
+        y[i] = x[i] if x[i] > 0 else 0
+
+
+@_serial
+def _relu_forward_serial(x, y):
+    for i in range(x.size):
         y[i] = x[i] if x[i] > 0 else 0
 
 
@@ -437,12 +448,19 @@ def _relu_backward(dy, y, dx):
         dx[i] = dy[i] if y[i] > 0 else 0
 
 
+@_serial
+def _relu_backward_serial(dy, y, dx):
+    for i in range(dy.size):
+        dx[i] = dy[i] if y[i] > 0 else 0
+
+
 def relu_forward(x):
     """y = max(x, 0), elementwise, any shape."""
     c.check_array("x", x)
     x = np.ascontiguousarray(x)
     y = np.empty_like(x)
-    _relu_forward(x.reshape(-1), y.reshape(-1))
+    kernel = _relu_forward if x.size >= _PARALLEL_MIN else _relu_forward_serial
+    kernel(x.reshape(-1), y.reshape(-1))
     return y
 
 
@@ -451,7 +469,8 @@ def relu_backward(dy, y):
     c.check_relu_backward(dy, y)
     dy = np.ascontiguousarray(dy)
     dx = np.empty_like(dy)
-    _relu_backward(dy.reshape(-1), np.ascontiguousarray(y).reshape(-1), dx.reshape(-1))
+    kernel = _relu_backward if dy.size >= _PARALLEL_MIN else _relu_backward_serial
+    kernel(dy.reshape(-1), np.ascontiguousarray(y).reshape(-1), dx.reshape(-1))
     return dx
 
 
@@ -557,8 +576,6 @@ def _sgd_update_serial(param, grad, lr):
     for i in range(param.size):
         param[i] -= lr * grad[i]
 
-
-_PARALLEL_MIN = 1 << 16  # below this many values a thread launch costs more than it saves
 
 
 def sgd_update(param, grad, lr):
