@@ -149,7 +149,13 @@ def _duration(seconds):
         return f"{seconds:.0f} s"
     if seconds < 7200:
         return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:,.0f} days"
+
+
+def _ratio(r):
+    return "-" if r is None else f"{r:.2f}x" if r >= 0.1 else f"1/{1 / r:,.0f}"
 
 
 def format_table(result):
@@ -163,8 +169,8 @@ def format_table(result):
             f"{e.train_ips:,.0f}" if e.train_ips >= 10 else f"{e.train_ips:.2f}",
             f"{e.infer_ips:,.0f}" if e.infer_ips >= 10 else f"{e.infer_ips:.2f}",
             _duration(e.epoch_s), _duration(30 * e.epoch_s), f"{e.peak_rss_mb:,.0f} MB",
-            "-" if e.train_vs_torch is None else f"{e.train_vs_torch:.2f}x",
-            "-" if e.infer_vs_torch is None else f"{e.infer_vs_torch:.2f}x",
+            _ratio(e.train_vs_torch),
+            _ratio(e.infer_vs_torch),
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [head]
