@@ -78,7 +78,7 @@ def _parser():
     evaluate = sub.add_parser("evaluate", help="evaluate a saved model on a test set")
     evaluate.add_argument("path", help="model file written by 'fastcnn train --save'")
     _add_data_args(evaluate)
-    evaluate.set_defaults(func=cmd_evaluate, batch_size=256)
+    evaluate.set_defaults(func=cmd_evaluate, batch_size=64)
 
     bench = sub.add_parser(
         "bench", help="training and inference speed of each backend (and PyTorch, if installed)",

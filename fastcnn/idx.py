@@ -26,33 +26,41 @@ _GZIP_MAGIC = b"\x1f\x8b"
 def read_idx(path) -> np.ndarray:
     """Read an IDX file (plain or gzip) into an array of its declared shape and type.
 
+    The payload is streamed straight into the array (no second copy of a 47 MB file in memory).
     A foreign, truncated or over-long file is a ValueError naming the file and what is wrong.
     """
     path = Path(path)
-    raw = path.read_bytes()
-    if raw[:2] == _GZIP_MAGIC:
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise ValueError(f"{path}: corrupt or truncated gzip data ({e})") from e
-    if len(raw) < 4:
-        raise ValueError(f"{path}: too short to be an IDX file ({len(raw)} bytes)")
-    zero1, zero2, code, ndim = raw[:4]
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == _GZIP_MAGIC
+    try:
+        with (gzip.open if gzipped else open)(path, "rb") as f:
+            return _read_idx_stream(f, path)
+    except (OSError, EOFError, zlib.error) as e:
+        if not gzipped:
+            raise
+        raise ValueError(f"{path}: corrupt or truncated gzip data ({e})") from e
+
+
+def _read_idx_stream(f, path):
+    magic = f.read(4)
+    if len(magic) < 4:
+        raise ValueError(f"{path}: too short to be an IDX file ({len(magic)} bytes)")
+    zero1, zero2, code, ndim = magic
     if zero1 != 0 or zero2 != 0 or code not in IDX_TYPES or ndim == 0:
-        raise ValueError(f"{path}: not an IDX file (magic bytes {raw[:4].hex()})")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
+        raise ValueError(f"{path}: not an IDX file (magic bytes {magic.hex()})")
+    raw_dims = f.read(4 * ndim)
+    if len(raw_dims) < 4 * ndim:
         raise ValueError(f"{path}: truncated IDX header ({ndim} dimensions declared)")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dims = struct.unpack(f">{ndim}I", raw_dims)
     dtype = IDX_TYPES[code]
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    got = len(raw) - header
-    if got != expected:
-        what = "truncated" if got < expected else "has trailing bytes"
-        raise ValueError(f"{path}: {what}: dimensions {dims} need {expected} payload bytes, "
-                         f"the file has {got}")
-    data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
-    return data.astype(dtype.newbyteorder("="))
+    data = np.empty(dims, dtype)
+    got = f.readinto(memoryview(data).cast("B")) if data.size else 0
+    trailing = len(f.read(1 << 16))
+    if got != data.nbytes or trailing:
+        what = "truncated" if got < data.nbytes else "has trailing bytes"
+        raise ValueError(f"{path}: {what}: dimensions {dims} need {data.nbytes} payload bytes, "
+                         f"the file has {got + trailing}{'+' if trailing == 1 << 16 else ''}")
+    return data if dtype.itemsize == 1 else data.astype(dtype.newbyteorder("="))
 
 
 def write_idx(path, array, compress=None) -> None:

@@ -224,7 +224,7 @@ class ConvNet:
                 print(line, flush=True)
         return history
 
-    def predict_proba(self, x, batch_size=256):
+    def predict_proba(self, x, batch_size=64):
         """Class probabilities (N, K) for images x (uint8 or float)."""
         self._check_input(x)
         out = []
@@ -234,11 +234,11 @@ class ConvNet:
             out.append(e / e.sum(axis=1, keepdims=True))
         return np.concatenate(out)
 
-    def predict(self, x, batch_size=256):
+    def predict(self, x, batch_size=64):
         """Predicted class (N,) int64 for images x."""
         return self.predict_proba(x, batch_size).argmax(axis=1)
 
-    def evaluate(self, x, y, batch_size=256):
+    def evaluate(self, x, y, batch_size=64):
         """{"loss": mean cross-entropy, "accuracy": fraction correct} on images x, labels y."""
         self._check_data(x, y)
         total_loss = correct = 0.0
