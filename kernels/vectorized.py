@@ -48,7 +48,9 @@ def conv2d_grad_weight(x, dy, kernel_size, stride, pad):
     (kh, kw), stride, pad = c.check_conv_grad_weight(x, dy, kernel_size, stride, pad)
     n, f, oh, ow = dy.shape
     cols = _im2col(x, kh, kw, stride, pad, oh, ow)
-    dw = np.tensordot(dy.reshape(n, f, -1), cols, axes=([0, 2], [0, 2]))
+    # One GEMM per image against the transposed view of its columns (BLAS reads it transposed,
+    # nothing is copied), then the sum over the batch.
+    dw = np.matmul(dy.reshape(n, f, -1), cols.transpose(0, 2, 1)).sum(axis=0)
     return dw.reshape(f, x.shape[1], kh, kw), dy.sum(axis=(0, 2, 3))
 
 
@@ -57,6 +59,11 @@ def conv2d_grad_input(dy, w, input_shape, stride, pad):
     pad of w[f, c, p, q] * dy[n, f, i, j] (col2im of w^T dy)."""
     (n, ch, h, wd), stride, pad = c.check_conv_grad_input(dy, w, input_shape, stride, pad)
     f, _, kh, kw = w.shape
+    if stride == 1 and kh == kw and pad < kh:
+        # With stride 1 the input gradient is itself a convolution: of dy padded by K-1-pad with
+        # the kernels flipped and their in/out channels swapped; im2col + GEMM beats col2im here.
+        w_t = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+        return conv2d_forward(dy, w_t, np.zeros(ch, dy.dtype), 1, kh - 1 - pad)
     oh, ow = dy.shape[2:]
     dcols = np.matmul(w.reshape(f, -1).T, dy.reshape(n, f, -1)).reshape(n, ch, kh, kw, oh, ow)
     dxp = np.zeros((n, ch, h + 2 * pad, wd + 2 * pad), dtype=dy.dtype)
@@ -72,18 +79,20 @@ def maxpool2d_forward(x, size, stride):
     """y[n, c, i, j] = max of the size x size window at (i*stride, j*stride); argmax is where."""
     size, stride, (n, ch, oh, ow) = c.check_pool_forward(x, size, stride)
     w = x.shape[3]
-    sn, sc, sh, sw = x.strides
-    win = as_strided(
-        x,
-        shape=(n, ch, oh, ow, size, size),
-        strides=(sn, sc, sh * stride, sw * stride, sh, sw),
-        writeable=False,
-    ).reshape(n, ch, oh, ow, size * size)
-    k = win.argmax(axis=-1)  # NOTE: np.argmax returns the first maximum: the contract's tie rule
-    y = np.take_along_axis(win, k[..., None], axis=-1)[..., 0]
-    rows = np.arange(oh)[:, None] * stride + k // size
-    cols = np.arange(ow) * stride + k % size
-    return y, (rows * w + cols).astype(np.int64)
+    # One whole-array pass per window position (p, q), in row-major order: a cell moves to a
+    # later position only when strictly greater, so ties keep the first maximum (the contract).
+    y = x[:, :, : stride * oh : stride, : stride * ow : stride].copy()
+    k = np.zeros(y.shape, np.int64)
+    for p in range(size):
+        for q in range(size):
+            if p == q == 0:
+                continue
+            v = x[:, :, p : p + stride * oh : stride, q : q + stride * ow : stride]
+            better = v > y
+            np.copyto(y, v, where=better)
+            np.copyto(k, p * w + q, where=better)
+    corner = (np.arange(oh)[:, None] * stride) * w + np.arange(ow) * stride
+    return y, k + corner
 
 
 def maxpool2d_backward(dy, argmax, input_shape, size, stride):
