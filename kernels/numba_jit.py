@@ -128,6 +128,15 @@ def _taps3x3(w, f, ch):
 
 
 @_serial
+def _shifted3x3(xc, L, wp):
+    """The nine views of a flat padded plane that a 3x3 kernel's taps read, each L long."""
+    r1, r2 = wp, 2 * wp  # flat offsets of the kernel's second and third rows
+    return (xc[0:L], xc[1 : 1 + L], xc[2 : 2 + L],
+            xc[r1 : r1 + L], xc[r1 + 1 : r1 + 1 + L], xc[r1 + 2 : r1 + 2 + L],
+            xc[r2 : r2 + L], xc[r2 + 1 : r2 + 1 + L], xc[r2 + 2 : r2 + 2 + L])
+
+
+@_serial
 def _dot9(t, v0, v1, v2, v3, v4, v5, v6, v7, v8):
     top = t[0] * v0 + t[1] * v1 + t[2] * v2
     mid = t[3] * v3 + t[4] * v4 + t[5] * v5
@@ -155,7 +164,6 @@ def _conv3x3_forward_s1(xf, w, b, hp, wp, y):
     plane = hp * wp
     per_task = max(1, _CHUNK // plane)  # images per task
     chunks = (N + per_task - 1) // per_task
-    r1, r2 = wp, 2 * wp  # flat offsets of the kernel's second and third rows
     for t in prange(F * chunks):  # one filter on a run of images per task
         f, n0 = t // chunks, (t % chunks) * per_task
         m = min(per_task, N - n0)
@@ -164,9 +172,7 @@ def _conv3x3_forward_s1(xf, w, b, hp, wp, y):
         acc[:] = b[f]
         for ch in range(C):
             xc = xf[ch, n0 * plane : (n0 + m) * plane]
-            x0, x1, x2 = xc[0:L], xc[1 : 1 + L], xc[2 : 2 + L]
-            x3, x4, x5 = xc[r1 : r1 + L], xc[r1 + 1 : r1 + 1 + L], xc[r1 + 2 : r1 + 2 + L]
-            x6, x7, x8 = xc[r2 : r2 + L], xc[r2 + 1 : r2 + 1 + L], xc[r2 + 2 : r2 + 2 + L]
+            x0, x1, x2, x3, x4, x5, x6, x7, x8 = _shifted3x3(xc, L, wp)
             taps = _taps3x3(w, f, ch)
             for k in range(L):
                 acc[k] += _dot9(taps, x0[k], x1[k], x2[k], x3[k], x4[k], x5[k], x6[k], x7[k],
@@ -182,15 +188,11 @@ def _conv3x3_forward_s1(xf, w, b, hp, wp, y):
 def _conv3x3_grad_weight_s1(xf, dyf, wp, dw, db):
     C, F = xf.shape[0], dw.shape[0]
     L = xf.shape[1] - 2 * wp - 2  # every output position of the batch, junk ones included
-    r1, r2 = wp, 2 * wp
     for t in prange(F * C):  # the nine weights of one (filter, channel) per task
         f, ch = t // C, t % C
         s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = dw[f, ch, 0, 0]  # zero, in the dtype
         g = dyf[f, 0:L]
-        xc = xf[ch]
-        x0, x1, x2 = xc[0:L], xc[1 : 1 + L], xc[2 : 2 + L]
-        x3, x4, x5 = xc[r1 : r1 + L], xc[r1 + 1 : r1 + 1 + L], xc[r1 + 2 : r1 + 2 + L]
-        x6, x7, x8 = xc[r2 : r2 + L], xc[r2 + 1 : r2 + 1 + L], xc[r2 + 2 : r2 + 2 + L]
+        x0, x1, x2, x3, x4, x5, x6, x7, x8 = _shifted3x3(xf[ch], L, wp)
         for k in range(L):
             gk = g[k]
             s0 += gk * x0[k]
