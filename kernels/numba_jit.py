@@ -35,21 +35,6 @@ def _padded(x, ph, pw=None):
     return xp
 
 
-def _flat_planes(xp):
-    """(N, C, Hp, Wp) -> (N, C, Hp*Wp), a view."""
-    return xp.reshape(xp.shape[0], xp.shape[1], -1)
-
-
-# NOTE on the stride-1 kernels: each padded plane is read as one flat row of Hp*Wp values, and an
-# output row i, column j lives at i*Wp + j of a "wide" output of OH rows of Wp values. A tap (p, q)
-# then adds w * x_flat[k + p*Wp + q] to wide[k] for every k in one contiguous loop the compiler
-# vectorizes; the Wp - OW junk columns of each wide row are computed and thrown away. The tap's
-# offset is applied by slicing (xs = x_flat[off:off + L]) so that every index inside the loop is a
-# plain non-negative range variable: with a runtime offset inside the index, Numba keeps its
-# negative-index wraparound check and the loads turn into gathers.
-_FB = 4  # output channels per task: they share every input load (8 spilled registers)
-
-
 # -- convolution ------------------------------------------------------------------------------
 
 
@@ -73,52 +58,18 @@ def _conv_forward(xp, w, b, stride, y):
                             orow[j] += wv * row[j * stride + q]
 
 
-@_parallel
-def _conv_forward_s1(xf, w, b, wp, y):
-    N, C = xf.shape[0], xf.shape[1]
-    F, _, KH, KW = w.shape
-    OH, OW = y.shape[2], y.shape[3]
-    L = (OH - 1) * wp + OW  # the wide output up to its last real cell
-    blocks = (F + _FB - 1) // _FB
-    for t in prange(N * blocks):  # _FB output planes of one image per task
-        n, f0 = t // blocks, (t % blocks) * _FB
-        fb = min(_FB, F - f0)
-        acc = np.empty((_FB, L), y.dtype)
-        for r in range(fb):
-            acc[r, :] = b[f0 + r]
-        for ch in range(C):
-            xc = xf[n, ch]
-            for p in range(KH):
-                for q in range(KW):
-                    xs = xc[p * wp + q : p * wp + q + L]
-                    if fb == _FB:
-                        w0, w1 = w[f0, ch, p, q], w[f0 + 1, ch, p, q]
-                        w2, w3 = w[f0 + 2, ch, p, q], w[f0 + 3, ch, p, q]
-                        a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
-                        for k in range(L):
-                            v = xs[k]
-                            a0[k] += w0 * v
-                            a1[k] += w1 * v
-                            a2[k] += w2 * v
-                            a3[k] += w3 * v
-                    else:
-                        for r in range(fb):
-                            wv = w[f0 + r, ch, p, q]
-                            a = acc[r]
-                            for k in range(L):
-                                a[k] += wv * xs[k]
-        for r in range(fb):
-            for i in range(OH):
-                for j in range(OW):
-                    y[n, f0 + r, i, j] = acc[r, i * wp + j]
-
-
 # -- 3x3, stride 1: every layer of the seed's models ------------------------------------------
-# NOTE: these name all nine taps explicitly. With the tap loop inside the contiguous loop, the
-# compiler cannot vectorize over k; with it outside (the generic kernel above), every tap re-reads
-# and re-writes the whole accumulator. Here a filter's nine weights stay in registers, each
-# output vector is loaded and stored once per input channel, and the nine products are summed as
-# a short tree rather than one 9-long chain of dependent FMAs.
+# NOTE: the planes of a whole batch are read as one flat row per channel (see _channel_planes),
+# and output (n, i, j) lives at n*Hp*Wp + i*Wp + j of a "wide" output: a tap (p, q) reads
+# x_flat[k + p*Wp + q] for every k in one contiguous loop the compiler vectorizes; the junk
+# columns and rows are computed and thrown away. The nine tap offsets are applied by slicing
+# (_shifted3x3) so that every index inside the loop is a plain non-negative range variable: with a
+# runtime offset inside the index, Numba keeps its negative-index wraparound check and the loads
+# turn into gathers. The nine taps are named explicitly: with a tap loop inside the contiguous
+# loop the compiler cannot vectorize over k, and with it outside every tap re-reads and re-writes
+# the whole accumulator (store-bound: that version, with 4 filters per task, ran at ~30 GFLOP/s).
+# Here a filter's nine weights stay in registers and each output vector is loaded and stored once
+# per input channel. Other kernel sizes and strides use the plain direct kernels.
 
 
 @_serial
@@ -221,10 +172,7 @@ def _forward(x, w, b, stride, ph, pw, shape):
     if stride == 1 and w.shape[2:] == (3, 3):
         xf, hp, wp = _channel_planes(x, ph, pw)
         _conv3x3_forward_s1(xf, w, b, hp, wp, y)
-    elif stride == 1:
-        xp = _padded(x, ph, pw)
-        _conv_forward_s1(_flat_planes(xp), w, b, xp.shape[3], y)
-    else:
+    else:  # other kernel sizes and strides: the plain direct convolution
         _conv_forward(_padded(x, ph, pw), w, b, stride, y)
     return y
 
@@ -264,30 +212,6 @@ def _conv_grad_weight(xp, dy, stride, dw, db):
         db[f] = acc
 
 
-@_parallel
-def _conv_grad_weight_s1(xf, dyw, wp, L, dw, db):
-    N, C = xf.shape[0], xf.shape[1]
-    F, _, KH, KW = dw.shape
-    for t in prange(F * C):  # one (filter, channel) slice of dw per task
-        f, ch = t // C, t % C
-        for p in range(KH):
-            for q in range(KW):
-                acc = dw[f, ch, p, q]  # zero, in the arrays' dtype
-                for n in range(N):
-                    g = dyw[n, f]
-                    xs = xf[n, ch, p * wp + q : p * wp + q + L]
-                    for k in range(L):
-                        acc += g[k] * xs[k]
-                dw[f, ch, p, q] = acc
-    for f in prange(F):
-        acc = db[f]
-        for n in range(N):
-            g = dyw[n, f]
-            for k in range(L):
-                acc += g[k]
-        db[f] = acc
-
-
 def conv2d_grad_weight(x, dy, kernel_size, stride, pad):
     """dw[f, c, p, q] = sum_{n,i,j} dy[n, f, i, j] * xpad[n, c, i*stride + p, j*stride + q];
     db[f] = sum_{n,i,j} dy[n, f, i, j]. Returns (dw (F, C, KH, KW), db (F,))."""
@@ -302,15 +226,7 @@ def conv2d_grad_weight(x, dy, kernel_size, stride, pad):
         dyw[:, :, :oh, :ow] = dy.transpose(1, 0, 2, 3)
         _conv3x3_grad_weight_s1(xf, dyw.reshape(f, -1), wp, dw, db)
         return dw, db
-    xp = _padded(x, pad)
-    if stride == 1:
-        wp = xp.shape[3]
-        # dy in the wide layout, its junk columns zero so they add nothing to the dot products.
-        dyw = np.zeros((n, f, oh, wp), dy.dtype)
-        dyw[..., :ow] = dy
-        _conv_grad_weight_s1(_flat_planes(xp), _flat_planes(dyw), wp, (oh - 1) * wp + ow, dw, db)
-    else:
-        _conv_grad_weight(xp, np.ascontiguousarray(dy), stride, dw, db)
+    _conv_grad_weight(_padded(x, pad), np.ascontiguousarray(dy), stride, dw, db)
     return dw, db
 
 
