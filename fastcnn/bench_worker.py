@@ -153,6 +153,10 @@ def main(argv=None):
     p.add_argument("--threads", type=int)
     p.add_argument("--no-warmup", action="store_true")
     args = p.parse_args(argv)
+    if args.engine != TORCH:  # what `fastcnn train` does; PyTorch keeps its own allocator
+        from fastcnn import memory
+
+        memory.retain_freed_memory()
     serve(args.engine, args.model, args.batch_size, args.threads, warmup=not args.no_warmup)
 
 

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from . import __version__, backend, datasets, models, threads
+from . import __version__, backend, datasets, memory, models, threads
 from .network import ConvNet
 
 
@@ -219,6 +219,7 @@ def cmd_info(args):
 
 def main(argv=None):
     args = _parser().parse_args(argv)
+    memory.retain_freed_memory()
     try:
         return args.func(args)
     except KeyboardInterrupt:

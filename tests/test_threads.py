@@ -56,3 +56,14 @@ def test_info_shows_threads_and_threading_layer():
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "1 threads" in run.stdout and "threading layer" in run.stdout
+
+
+def test_retain_freed_memory_reports_whether_it_applied():
+    import platform
+
+    from fastcnn import memory
+
+    applied = memory.retain_freed_memory()
+    assert isinstance(applied, bool)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert applied
