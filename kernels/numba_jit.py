@@ -24,9 +24,8 @@ _serial = njit(cache=True, fastmath=FASTMATH, nogil=True)
 _PARALLEL_MIN = 1 << 17
 
 
-def _padded(x, ph, pw=None):
-    """x zero-padded by ph rows and pw (default ph) columns on each side, C-contiguous."""
-    pw = ph if pw is None else pw
+def _padded(x, ph, pw):
+    """x zero-padded by ph rows and pw columns on each side, C-contiguous."""
     if ph == 0 and pw == 0:
         return np.ascontiguousarray(x)
     n, ch, h, w = x.shape
@@ -95,14 +94,14 @@ def _dot9(t, v0, v1, v2, v3, v4, v5, v6, v7, v8):
     return (top + mid) + low
 
 
-def _channel_planes(x, ph, pw):
-    """x (N, C, H, W) zero-padded and laid out channel-major: (C, N*Hp*Wp), every image's padded
-    plane of one channel after the other, so one flat loop runs across the whole batch."""
+def _channel_planes(x, top, left, hp, wp):
+    """x (N, C, H, W) laid out channel-major, (C, N*hp*wp): every image's plane of one channel
+    after the other, so one flat loop runs across the whole batch. Each H x W plane sits at
+    (top, left) of an hp x wp plane of zeros."""
     n, ch, h, w = x.shape
-    hp, wp = h + 2 * ph, w + 2 * pw
     out = np.zeros((ch, n, hp, wp), x.dtype)
-    out[:, :, ph : ph + h, pw : pw + w] = x.transpose(1, 0, 2, 3)
-    return out.reshape(ch, n * hp * wp), hp, wp
+    out[:, :, top : top + h, left : left + w] = x.transpose(1, 0, 2, 3)
+    return out.reshape(ch, n * hp * wp)
 
 
 _CHUNK = 4096  # values of one channel per forward task: the accumulator stays in L1
@@ -170,8 +169,8 @@ def _forward(x, w, b, stride, ph, pw, shape):
     y = np.empty(shape, x.dtype)
     w = np.ascontiguousarray(w)
     if stride == 1 and w.shape[2:] == (3, 3):
-        xf, hp, wp = _channel_planes(x, ph, pw)
-        _conv3x3_forward_s1(xf, w, b, hp, wp, y)
+        hp, wp = x.shape[2] + 2 * ph, x.shape[3] + 2 * pw
+        _conv3x3_forward_s1(_channel_planes(x, ph, pw, hp, wp), w, b, hp, wp, y)
     else:  # other kernel sizes and strides: the plain direct convolution
         _conv_forward(_padded(x, ph, pw), w, b, stride, y)
     return y
@@ -216,17 +215,16 @@ def conv2d_grad_weight(x, dy, kernel_size, stride, pad):
     """dw[f, c, p, q] = sum_{n,i,j} dy[n, f, i, j] * xpad[n, c, i*stride + p, j*stride + q];
     db[f] = sum_{n,i,j} dy[n, f, i, j]. Returns (dw (F, C, KH, KW), db (F,))."""
     (kh, kw), stride, pad = c.check_conv_grad_weight(x, dy, kernel_size, stride, pad)
-    n, f, oh, ow = dy.shape
+    f = dy.shape[1]
     dw = np.zeros((f, x.shape[1], kh, kw), x.dtype)
     db = np.zeros(f, x.dtype)
     if stride == 1 and (kh, kw) == (3, 3):
-        xf, hp, wp = _channel_planes(x, pad, pad)
+        hp, wp = x.shape[2] + 2 * pad, x.shape[3] + 2 * pad
         # dy laid out like x, its junk rows and columns zero so they add nothing to the sums.
-        dyw = np.zeros((f, n, hp, wp), dy.dtype)
-        dyw[:, :, :oh, :ow] = dy.transpose(1, 0, 2, 3)
-        _conv3x3_grad_weight_s1(xf, dyw.reshape(f, -1), wp, dw, db)
+        _conv3x3_grad_weight_s1(_channel_planes(x, pad, pad, hp, wp),
+                                _channel_planes(dy, 0, 0, hp, wp), wp, dw, db)
         return dw, db
-    _conv_grad_weight(_padded(x, pad), np.ascontiguousarray(dy), stride, dw, db)
+    _conv_grad_weight(_padded(x, pad, pad), np.ascontiguousarray(dy), stride, dw, db)
     return dw, db
 
 
