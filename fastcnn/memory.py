@@ -2,8 +2,8 @@
 
 glibc's malloc hands out large blocks (above ~128 KB, e.g. a batch's activations) with mmap and
 gives them back to the operating system when freed; the next batch then pays a page fault for
-every 4 KB it touches again. At batch 10 the simple model spent about 40% of a training step there
-(0.71-0.79 ms a step against 0.40-0.44 ms with the thresholds below; /tmp timing, same machine).
+every 4 KB it touches again. At batch 10 that was a third to a half of the simple model's training
+step (see bench/step_time.py and its --retain-freed-memory flag).
 """
 
 from __future__ import annotations
