@@ -21,6 +21,8 @@ from . import _contract as c
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 _parallel = njit(parallel=True, cache=True, fastmath=FASTMATH, nogil=True)
 _serial = njit(cache=True, fastmath=FASTMATH, nogil=True)
+# Inlined into its caller's code before compiling: a real call inside a hot loop cost ~40%.
+_inlined = njit(inline="always", fastmath=FASTMATH)
 # Elementwise work on fewer values than this runs on one thread: waking the thread pool costs
 # more than the loop (the simple model at batch 10 is dominated by such per-call costs).
 _PARALLEL_MIN = 1 << 17
@@ -122,11 +124,31 @@ def _channel_planes(x, top, left, hp, wp, slack=0, channels=None):
     channel after the other, so one flat loop runs across the whole batch. Each H x W plane sits
     at (top, left) of an hp x wp plane of zeros; `slack` more zeros end every channel's row, and
     `channels` (>= C) rows of zeros in all."""
-    n, ch, h, w = x.shape
-    out = np.zeros((channels or ch, n * hp * wp + slack), x.dtype)
-    planes = out[:ch, : n * hp * wp].reshape(ch, n, hp, wp)
-    planes[:, :, top : top + h, left : left + w] = x.transpose(1, 0, 2, 3)
+    n, ch = x.shape[:2]
+    out = np.empty((channels or ch, n * hp * wp + slack), x.dtype)
+    _lay_out_planes(np.ascontiguousarray(x), top, left, hp, wp, out)
     return out
+
+
+@_parallel
+def _lay_out_planes(x, top, left, hp, wp, out):
+    N, C, H, W = x.shape
+    S, plane = out.shape[1], hp * wp
+    for ch in prange(out.shape[0]):  # one channel's row per task; every value written once
+        dst = out[ch]
+        end = 0  # everything before `end` is written
+        if ch < C:
+            for n in range(N):
+                for i in range(H):
+                    at = n * plane + (top + i) * wp + left
+                    for k in range(end, at):
+                        dst[k] = 0
+                    src, row = x[n, ch, i], dst[at : at + W]
+                    for j in range(W):
+                        row[j] = src[j]
+                    end = at + W
+        for k in range(end, S):
+            dst[k] = 0
 
 
 def _tile_slack(wp):
@@ -135,17 +157,21 @@ def _tile_slack(wp):
     return _V + 2 * wp + 2
 
 
+@_serial
 def _filter_groups(w):
     """w (F, C, 3, 3) -> (ceil(F/_FB), C, 9, _FB): a group's _FB weights of one tap side by side,
     F padded with zero filters to a multiple of _FB."""
-    f, ch = w.shape[:2]
-    groups = -(-f // _FB)
-    wg = np.zeros((groups * _FB, ch, 9), w.dtype)
-    wg[:f] = w.reshape(f, ch, 9)
-    return np.ascontiguousarray(wg.reshape(groups, _FB, ch, 9).transpose(0, 2, 3, 1))
+    F, C = w.shape[0], w.shape[1]
+    wg = np.zeros(((F + _FB - 1) // _FB, C, 9, _FB), w.dtype)
+    for f in range(F):
+        for ch in range(C):
+            for p in range(3):
+                for q in range(3):
+                    wg[f // _FB, ch, 3 * p + q, f % _FB] = w[f, ch, p, q]
+    return wg
 
 
-@njit(inline="always")
+@_inlined
 def _store_tile(tile, y, n, f, i, j0, b):
     """y[n, f, i, j0 + u] = tile[u] + b[f] for the tile's outputs that are real (j < OW)."""
     if f < y.shape[1]:  # else a zero filter that pads F to a multiple of _FB
