@@ -505,55 +505,104 @@ def relu_backward(dy, y):
 def _dense_forward(x, w, b, y):
     N, IN = x.shape
     OUT = w.shape[0]
-    for o in prange(OUT):  # one output feature (a column of y) per task
-        wo = w[o]
-        for n in range(N):
-            xn = x[n]
-            acc = b[o]
-            for k in range(IN):
-                acc += xn[k] * wo[k]
-            y[n, o] = acc
+    nblocks = (N + 1) // 2
+    for t in prange(((OUT + 3) // 4) * nblocks):  # 4 outputs x 2 samples per task
+        o0, n0 = (t // nblocks) * 4, (t % nblocks) * 2  # neighbours share the 4 rows of w
+        # rows past the end repeat the last one; their sums are not stored
+        w0, w1, w2, w3 = w[o0], w[min(o0 + 1, OUT - 1)], w[min(o0 + 2, OUT - 1)], \
+            w[min(o0 + 3, OUT - 1)]
+        xa, xb = x[n0], x[min(n0 + 1, N - 1)]
+        zero = y[n0, o0]  # y starts zeroed: a zero in the arrays' dtype
+        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = zero
+        for k in range(IN):  # 8 running sums, 6 loads per 8 multiply-adds
+            s0 += xa[k] * w0[k]
+            s1 += xa[k] * w1[k]
+            s2 += xa[k] * w2[k]
+            s3 += xa[k] * w3[k]
+            s4 += xb[k] * w0[k]
+            s5 += xb[k] * w1[k]
+            s6 += xb[k] * w2[k]
+            s7 += xb[k] * w3[k]
+        sums = ((s0, s1, s2, s3), (s4, s5, s6, s7))
+        for j in range(2):
+            for i in range(4):
+                if n0 + j < N and o0 + i < OUT:
+                    y[n0 + j, o0 + i] = sums[j][i] + b[o0 + i]
 
 
 def dense_forward(x, w, b):
     """y = x w^T + b: x (N, IN), w (OUT, IN), b (OUT,) -> (N, OUT)."""
     c.check_dense_forward(x, w, b)
-    y = np.empty((x.shape[0], w.shape[0]), x.dtype)
+    y = np.zeros((x.shape[0], w.shape[0]), x.dtype)
     _dense_forward(np.ascontiguousarray(x), np.ascontiguousarray(w), b, y)
     return y
 
 
 @_parallel
-def _dense_backward(dy, x, w, dx, dw, db):
-    N, IN = x.shape
-    OUT = w.shape[0]
-    for o in prange(OUT):  # dw row o and db[o] per task
-        row = dw[o]
-        acc = db[o]
-        for n in range(N):
-            g = dy[n, o]
-            acc += g
-            xn = x[n]
-            for k in range(IN):
-                row[k] += g * xn[k]
-        db[o] = acc
-    for n in prange(N):  # dx row n per task
-        out = dx[n]
-        for o in range(OUT):
-            g = dy[n, o]
-            wo = w[o]
-            for k in range(IN):
-                out[k] += g * wo[k]
+def _matmul(a, bm, out):
+    """out (M, K) = a (M, R) @ bm (R, K), all C-contiguous: the register tile of the convolution
+    (4 rows x _V columns of out in registers, one pass over R)."""
+    M, R = a.shape
+    K = bm.shape[1]
+    blocks, full = (M + 3) // 4, K // _V  # full tiles of _V columns; the rest below
+    runs = (full + 7) // 8
+    b = _flat(bm)
+    for t in prange(runs * blocks):  # 8 tiles of 4 rows per task
+        run, m0 = t // blocks, (t % blocks) * 4
+        r0, r1, r2, r3 = m0, min(m0 + 1, M - 1), min(m0 + 2, M - 1), min(m0 + 3, M - 1)
+        a0 = _stack_buffer(_V, out.dtype)
+        a1 = _stack_buffer(_V, out.dtype)
+        a2 = _stack_buffer(_V, out.dtype)
+        a3 = _stack_buffer(_V, out.dtype)
+        for tile in range(run * 8, min(run * 8 + 8, full)):
+            k0 = tile * _V
+            for v in range(_V):
+                a0[v] = a1[v] = a2[v] = a3[v] = 0
+            for r in range(R):
+                at = r * K + k0
+                g0, g1, g2, g3 = a[r0, r], a[r1, r], a[r2, r], a[r3, r]
+                for v in range(_V):
+                    bv = b[at + v]
+                    a0[v] += g0 * bv
+                    a1[v] += g1 * bv
+                    a2[v] += g2 * bv
+                    a3[v] += g3 * bv
+            for v in range(_V):
+                out[m0, k0 + v] = a0[v]
+            if m0 + 1 < M:
+                for v in range(_V):
+                    out[m0 + 1, k0 + v] = a1[v]
+            if m0 + 2 < M:
+                for v in range(_V):
+                    out[m0 + 2, k0 + v] = a2[v]
+            if m0 + 3 < M:
+                for v in range(_V):
+                    out[m0 + 3, k0 + v] = a3[v]
+    for m in prange(M):  # the last K % _V columns
+        for k in range(full * _V, K):
+            acc = 0.0  # a few columns: summed in float64 whatever the dtype
+            for r in range(R):
+                acc += a[m, r] * bm[r, k]
+            out[m, k] = acc
+
+
+@_serial
+def _column_sums(dy, db):
+    for n in range(dy.shape[0]):
+        for o in range(dy.shape[1]):
+            db[o] += dy[n, o]
 
 
 def dense_backward(dy, x, w):
     """(dx = dy w (N, IN), dw = dy^T x (OUT, IN), db = sum_n dy (OUT,))."""
     c.check_dense_backward(dy, x, w)
-    dx = np.zeros(x.shape, dy.dtype)
-    dw = np.zeros(w.shape, dy.dtype)
+    dy = np.ascontiguousarray(dy)
+    dx = np.empty(x.shape, dy.dtype)
+    dw = np.empty(w.shape, dy.dtype)
     db = np.zeros(w.shape[0], dy.dtype)
-    _dense_backward(np.ascontiguousarray(dy), np.ascontiguousarray(x), np.ascontiguousarray(w),
-                    dx, dw, db)
+    _matmul(dy, np.ascontiguousarray(w), dx)
+    _matmul(np.ascontiguousarray(dy.T), np.ascontiguousarray(x), dw)
+    _column_sums(dy, db)
     return dx, dw, db
 
 
