@@ -172,12 +172,25 @@ def _filter_groups(w):
 
 
 @_inlined
-def _store_tile(tile, y, n, f, i, j0, b):
-    """y[n, f, i, j0 + u] = tile[u] + b[f] for the tile's outputs that are real (j < OW)."""
-    if f < y.shape[1]:  # else a zero filter that pads F to a multiple of _FB
-        out = y[n, f, i]
+def _store_tiles(a0, a1, a2, a3, y, n, f0, i, j0, b):
+    """y[n, f0 + r, i, j0 + u] = ar[u] + b[f0 + r] for the tiles' real outputs (j < OW)."""
+    if f0 + _FB <= y.shape[1]:
+        o0, o1, o2, o3 = y[n, f0, i], y[n, f0 + 1, i], y[n, f0 + 2, i], y[n, f0 + 3, i]
         for u in range(min(_V, y.shape[3] - j0)):
-            out[j0 + u] = tile[u] + b[f]
+            o0[j0 + u] = a0[u] + b[f0]
+            o1[j0 + u] = a1[u] + b[f0 + 1]
+            o2[j0 + u] = a2[u] + b[f0 + 2]
+            o3[j0 + u] = a3[u] + b[f0 + 3]
+    else:  # the last group, padded with zero filters
+        _store_some_tiles(a0, a1, a2, a3, y, n, f0, i, j0, b)
+
+
+@_serial
+def _store_some_tiles(a0, a1, a2, a3, y, n, f0, i, j0, b):
+    for f in range(f0, y.shape[1]):
+        tile = a0 if f == f0 else a1 if f == f0 + 1 else a2 if f == f0 + 2 else a3
+        for u in range(min(_V, y.shape[3] - j0)):
+            y[n, f, i, j0 + u] = tile[u] + b[f]
 
 
 @_parallel
@@ -215,10 +228,7 @@ def _conv3x3_forward_s1(xf, wg, b, hp, wp, y):
                                 a1[v] += w1 * xv
                                 a2[v] += w2 * xv
                                 a3[v] += w3 * xv
-                _store_tile(a0, y, n, f0, i, j0, b)
-                _store_tile(a1, y, n, f0 + 1, i, j0, b)
-                _store_tile(a2, y, n, f0 + 2, i, j0, b)
-                _store_tile(a3, y, n, f0 + 3, i, j0, b)
+                _store_tiles(a0, a1, a2, a3, y, n, f0, i, j0, b)
 
 
 # The weight gradient is a long reduction over every wide position k of the batch:
@@ -258,12 +268,12 @@ def _conv3x3_grad_weight_s1(xf, dyf, wp, dw, db):
             dw[f0 + 1, ch, p, 0], dw[f0 + 1, ch, p, 1], dw[f0 + 1, ch, p, 2] = s10, s11, s12
             dw[f0 + 2, ch, p, 0], dw[f0 + 2, ch, p, 1], dw[f0 + 2, ch, p, 2] = s20, s21, s22
             dw[f0 + 3, ch, p, 0], dw[f0 + 3, ch, p, 1], dw[f0 + 3, ch, p, 2] = s30, s31, s32
-    for f in prange(F):
-        acc = db[f]
-        g = dyf[f]
-        for k in range(g.shape[0]):
-            acc += g[k]
-        db[f] = acc
+        if ch == 0:  # the bias gradients of the task's filters; one parallel loop compiles faster
+            for f in range(f0, f0 + _FB):
+                acc = zero
+                for k in range(dyf.shape[1]):
+                    acc += dyf[f, k]
+                db[f] = acc
 
 
 def _forward(x, w, b, stride, ph, pw, shape):
@@ -544,8 +554,8 @@ def _matmul(a, bm, out):
     (4 rows x _V columns of out in registers, one pass over R)."""
     M, R = a.shape
     K = bm.shape[1]
-    blocks, full = (M + 3) // 4, K // _V  # full tiles of _V columns; the rest below
-    runs = (full + 7) // 8
+    blocks, full = (M + 3) // 4, K // _V  # full tiles of _V columns; the rest at the end
+    runs = max(1, (full + 7) // 8)
     b = _flat(bm)
     for t in prange(runs * blocks):  # 8 tiles of 4 rows per task
         run, m0 = t // blocks, (t % blocks) * 4
@@ -578,12 +588,13 @@ def _matmul(a, bm, out):
             if m0 + 3 < M:
                 for v in range(_V):
                     out[m0 + 3, k0 + v] = a3[v]
-    for m in prange(M):  # the last K % _V columns
-        for k in range(full * _V, K):
-            acc = 0.0  # a few columns: summed in float64 whatever the dtype
-            for r in range(R):
-                acc += a[m, r] * bm[r, k]
-            out[m, k] = acc
+        if run == runs - 1:  # the last K % _V columns of these rows, plainly
+            for m in range(m0, min(m0 + 4, M)):
+                for k in range(full * _V, K):
+                    acc = 0.0  # a few columns: summed in float64 whatever the dtype
+                    for r in range(R):
+                        acc += a[m, r] * bm[r, k]
+                    out[m, k] = acc
 
 
 @_serial

@@ -75,6 +75,36 @@ def test_conv_agrees_with_naive(fast, rng, case, dtype):
                                **tol(dtype))
 
 
+# The numba backend's fast paths work in tiles: 3x3 stride-1 convolutions in groups of 4 filters
+# and runs of 16 outputs along a row, dense layers in blocks of 4 rows and 16 columns. These shapes
+# sit on and around those edges (rows longer than one tile, filter counts off the groups), which
+# the random grid above, with its small planes, rarely reaches.
+TILE_EDGE_CONVS = [(2, 3, 5, 33, 5, 1), (1, 2, 17, 16, 7, 0), (3, 1, 4, 15, 4, 2),
+                   (2, 5, 6, 32, 9, 1), (1, 4, 3, 3, 1, 1)]
+
+
+@pytest.mark.parametrize("case", TILE_EDGE_CONVS, ids=case_id)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_3x3_tile_edges_agree_with_naive(fast, rng, case, dtype):
+    n, c, h, w, f, pad = case
+    test_conv_agrees_with_naive(fast, rng, (n, c, h, w, f, 3, 3, 1, pad), dtype)
+
+
+@pytest.mark.parametrize("n, inputs, outputs", [(5, 37, 6), (4, 32, 4), (1, 1, 1), (2, 16, 9),
+                                                (0, 5, 3)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dense_tile_edges_agree_with_naive(fast, rng, n, inputs, outputs, dtype):
+    x, w, b = (rng.standard_normal(s).astype(dtype) for s in ((n, inputs), (outputs, inputs),
+                                                               (outputs,)))
+    np.testing.assert_allclose(fast.dense_forward(x, w, b), NAIVE.dense_forward(x, w, b),
+                               **tol(dtype))
+    g = rng.standard_normal((n, outputs)).astype(dtype)
+    for got, want in zip(fast.dense_backward(g, x, w), NAIVE.dense_backward(g, x, w),
+                         strict=True):
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got, want, **tol(dtype))
+
+
 @pytest.mark.parametrize("case", pool_grid(), ids=case_id)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("ties", [False, True])
