@@ -172,6 +172,18 @@ def check_pool_backward(dy, argmax, input_shape, size, stride):
     return input_shape, size, stride
 
 
+def argmax_range_error(h, w, outside):
+    return ValueError(f"argmax values must lie in [0, {h * w}) for {h}x{w} planes: "
+                      f"{outside} do not")
+
+
+def check_argmax_range(argmax, h, w):
+    """An argmax outside its h x w plane is an error, not a write somewhere else."""
+    outside = np.count_nonzero((argmax < 0) | (argmax >= h * w))
+    if outside:
+        raise argmax_range_error(h, w, outside)
+
+
 def check_relu_backward(dy, y):
     check_array("dy", dy)
     if not isinstance(y, np.ndarray) or y.shape != dy.shape:

@@ -115,6 +115,7 @@ def maxpool2d_backward(dy, argmax, input_shape, size, stride):
     """dx[n, c, h, v] = sum of dy[n, c, i, j] over the output cells whose argmax is h*W + v."""
     (N, C, H, W), size, stride = c.check_pool_backward(dy, argmax, input_shape, size, stride)
     OH, OW = dy.shape[2:]
+    c.check_argmax_range(argmax, H, W)
     dx = np.zeros((N, C, H, W), dy.dtype)
     for n in range(N):
         for ch in range(C):

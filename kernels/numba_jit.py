@@ -439,20 +439,31 @@ def maxpool2d_forward(x, size, stride):
 
 @_parallel
 def _pool_backward(dy, argmax, dx):
-    P = dy.shape[0]
+    """Scatter-add dy at argmax into dx (zeroed here); returns how many argmax values lie
+    outside their plane (those are skipped, and the caller raises)."""
+    P, HW = dx.shape
+    outside = 0
     for t in prange(P):  # one plane per task; overlapping windows add up within it
+        plane = dx[t]
+        for k in range(HW):
+            plane[k] = 0
         for k in range(dy.shape[1]):
-            dx[t, argmax[t, k]] += dy[t, k]
+            at = argmax[t, k]
+            if 0 <= at < HW:
+                plane[at] += dy[t, k]
+            else:
+                outside += 1
+    return outside
 
 
 def maxpool2d_backward(dy, argmax, input_shape, size, stride):
     """dx (input_shape): every dy[n, c, i, j] added at its argmax position in plane (n, c)."""
     (n, ch, h, w), size, stride = c.check_pool_backward(dy, argmax, input_shape, size, stride)
-    if argmax.size and (argmax.min() < 0 or argmax.max() >= h * w):
-        raise ValueError(f"argmax values must lie in [0, {h * w}) for {h}x{w} planes")
-    dx = np.zeros((n * ch, h * w), dy.dtype)
-    _pool_backward(np.ascontiguousarray(dy).reshape(n * ch, -1),
-                   np.ascontiguousarray(argmax, dtype=np.int64).reshape(n * ch, -1), dx)
+    dx = np.empty((n * ch, h * w), dy.dtype)
+    outside = _pool_backward(np.ascontiguousarray(dy).reshape(n * ch, -1),
+                             np.ascontiguousarray(argmax, dtype=np.int64).reshape(n * ch, -1), dx)
+    if outside:  # checked inside the kernel: a separate pass over argmax cost as much
+        raise c.argmax_range_error(h, w, outside)
     return dx.reshape(n, ch, h, w)
 
 

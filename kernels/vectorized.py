@@ -98,6 +98,7 @@ def maxpool2d_forward(x, size, stride):
 def maxpool2d_backward(dy, argmax, input_shape, size, stride):
     """dx[n, c, h, w] = sum of dy[n, c, i, j] over the cells whose argmax is h*W + w."""
     (n, ch, h, w), size, stride = c.check_pool_backward(dy, argmax, input_shape, size, stride)
+    c.check_argmax_range(argmax, h, w)
     plane = np.arange(n * ch).reshape(n, ch, 1, 1) * (h * w)
     # bincount sums every weight that lands on one index: overlapping windows accumulate.
     dx = np.bincount((plane + argmax).ravel(), weights=dy.ravel(), minlength=n * ch * h * w)

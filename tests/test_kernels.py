@@ -154,3 +154,9 @@ def test_kernels_reject_bad_input(k):
         k.maxpool2d_forward(x, 6, 1)
     with pytest.raises(ValueError, match="labels"):
         k.softmax_cross_entropy(np.zeros((2, 3), np.float32), np.array([0, 3]))
+    dy = np.ones((1, 2, 2, 2), np.float32)
+    for bad in (-1, 25):
+        argmax = np.zeros(dy.shape, np.int64)
+        argmax[0, 1, 1, 0] = bad
+        with pytest.raises(ValueError, match=r"argmax values must lie in \[0, 25\).*1 do not"):
+            k.maxpool2d_backward(dy, argmax, x.shape, 2, 2)
