@@ -172,6 +172,18 @@ def _filter_groups(w):
 
 
 @_inlined
+def _tile_step(a0, a1, a2, a3, w0, w1, w2, w3, src, at):
+    """One step of the register tile: a_r[v] += w_r * src[at + v] for the _V values v, four
+    rows r sharing each loaded value (4 broadcasts and _V/8 vector loads per 4*_V/8 FMAs)."""
+    for v in range(_V):
+        value = src[at + v]
+        a0[v] += w0 * value
+        a1[v] += w1 * value
+        a2[v] += w2 * value
+        a3[v] += w3 * value
+
+
+@_inlined
 def _store_tiles(a0, a1, a2, a3, y, n, f0, i, j0, b):
     """y[n, f0 + r, i, j0 + u] = ar[u] + b[f0 + r] for the tiles' real outputs (j < OW)."""
     if f0 + _FB <= y.shape[1]:
@@ -221,13 +233,7 @@ def _conv3x3_forward_s1(xf, wg, b, hp, wp, y):
                             # x_flat[k + p*Wp + q] for the tile's wide positions k
                             at = ch * S + n * hp * wp + (i + p) * wp + j0 + q
                             tap = taps[3 * p + q]
-                            w0, w1, w2, w3 = tap[0], tap[1], tap[2], tap[3]
-                            for v in range(_V):
-                                xv = x[at + v]
-                                a0[v] += w0 * xv
-                                a1[v] += w1 * xv
-                                a2[v] += w2 * xv
-                                a3[v] += w3 * xv
+                            _tile_step(a0, a1, a2, a3, tap[0], tap[1], tap[2], tap[3], x, at)
                 _store_tiles(a0, a1, a2, a3, y, n, f0, i, j0, b)
 
 
@@ -581,13 +587,7 @@ def _matmul(a, bm, out):
                 a0[v] = a1[v] = a2[v] = a3[v] = 0
             for r in range(R):
                 at = r * K + k0
-                g0, g1, g2, g3 = a[r0, r], a[r1, r], a[r2, r], a[r3, r]
-                for v in range(_V):
-                    bv = b[at + v]
-                    a0[v] += g0 * bv
-                    a1[v] += g1 * bv
-                    a2[v] += g2 * bv
-                    a3[v] += g3 * bv
+                _tile_step(a0, a1, a2, a3, a[r0, r], a[r1, r], a[r2, r], a[r3, r], b, at)
             for v in range(_V):
                 out[m0, k0 + v] = a0[v]
             if m0 + 1 < M:
