@@ -35,7 +35,9 @@ _PARALLEL_MIN = 1 << 17
 # which has no such check: the kernel itself keeps every index inside the array (see
 # _channel_planes' slack). Its accumulators live in a fixed-size stack buffer that LLVM keeps in
 # vector registers; a heap array (np.empty) is a call the compiler cannot see through.
-# With NUMBA_DISABLE_JIT=1 both are plain NumPy, so the kernel bodies still run as Python.
+# With NUMBA_DISABLE_JIT=1 both are plain NumPy, so the kernel bodies still run as Python, and
+# there every read through _flat is bounds-checked: the conformance tests run in that mode too
+# (test_numba_kernel_bodies_also_pass_as_plain_python), so a read past the slack fails there.
 if config.DISABLE_JIT:
     def _flat(a):
         return a.reshape(-1)
