@@ -19,9 +19,26 @@ Shapes, with ``OH = (H + 2*pad - KH) // stride + 1`` for convolution and
 - ``relu_forward(x) -> y`` and ``relu_backward(dy, y) -> dx`` (y is the forward output).
 - ``dense_forward(x, w, b) -> y``: x (N, IN), w (OUT, IN), b (OUT,), y (N, OUT).
 - ``dense_backward(dy, x, w) -> (dx, dw, db)``.
-- ``softmax_cross_entropy(logits, labels) -> (loss, dlogits)``: logits (N, K), labels (N,) ints
-  in [0, K); loss is the mean over the batch, dlogits its gradient.
+- ``softmax_cross_entropy(logits, labels) -> (loss, dlogits)``: logits (N, K) with N >= 1,
+  labels (N,) ints in [0, K); loss is the mean over the batch, dlogits its gradient.
 - ``sgd_update(param, grad, lr) -> None``: param -= lr * grad, in place (the optimizer's step).
+
+Non-finite values (the NaN rule, as in PyTorch): no kernel turns a NaN or an infinity into a
+number. Every output element whose formula reads a NaN is NaN, and infinities follow IEEE 754
+(``inf - inf`` and ``inf * 0`` are NaN). In particular:
+
+- ``relu_forward`` passes NaN through (``y = 0 if x <= 0 else x``);
+- ``relu_backward`` gives ``dy`` where ``y > 0`` or ``y`` is NaN, and ``dy * 0`` elsewhere: 0,
+  but NaN where ``dy`` is NaN or infinite (an undefined product is not made a number);
+- a pooling window that holds a NaN has NaN as its maximum, and ``argmax`` points at the window's
+  first NaN in row-major order (a NaN counts as larger than every number);
+- ``softmax_cross_entropy`` gives a NaN loss, and a NaN row of ``dlogits``, for a row of logits
+  holding a NaN or ``+inf``.
+
+A fast backend may give NaN in more places than the formula says, where it multiplies a NaN or
+an infinity by a zero that the formula never reads (a padding zero, a junk cell of its layout),
+but it never gives a number where the reference gives NaN or an infinity. The conformance tests
+check exactly that, on every backend.
 """
 
 from __future__ import annotations
@@ -189,6 +206,7 @@ def check_relu_backward(dy, y):
     if not isinstance(y, np.ndarray) or y.shape != dy.shape:
         got = getattr(y, "shape", type(y).__name__)
         raise ValueError(f"y must be an array shaped like dy {dy.shape}, got {got}")
+    check_array("y", y, dtype=dy.dtype)
 
 
 def check_dense_forward(x, w, b):
@@ -218,7 +236,8 @@ def check_sgd_update(param, grad, lr):
         raise ValueError(f"grad {grad.shape} does not match param {param.shape}")
     if not param.flags.c_contiguous or not param.flags.writeable:
         raise ValueError("param must be a writeable C-contiguous array (it is updated in place)")
-    if not (isinstance(lr, (int, float, np.floating)) and np.isfinite(lr)):
+    if isinstance(lr, (bool, np.bool_)) or not (
+            isinstance(lr, (int, float, np.integer, np.floating)) and np.isfinite(lr)):
         raise ValueError(f"lr must be a finite number, got {lr!r}")
 
 
@@ -227,9 +246,11 @@ def check_softmax_cross_entropy(logits, labels):
     if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "iu":
         raise TypeError("labels must be an integer numpy array")
     n, k = logits.shape
+    if n == 0:
+        raise ValueError("logits has no rows: the mean loss of an empty batch is undefined")
     if labels.shape != (n,):
         raise ValueError(f"labels must have shape ({n},) to match logits {logits.shape}, "
                          f"got {labels.shape}")
-    if n and (labels.min() < 0 or labels.max() >= k):
+    if (labels.min() < 0 or labels.max() >= k):
         raise ValueError(f"labels must lie in [0, {k}), got values from {labels.min()} "
                          f"to {labels.max()}")

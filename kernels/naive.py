@@ -88,9 +88,16 @@ def conv2d_grad_input(dy, w, input_shape, stride, pad):
     return dx
 
 
+def _beats(value, best):
+    """Whether a window cell replaces the best one so far: strictly greater, so a tie keeps the
+    earlier cell; and a NaN counts as larger than every number, so the first NaN wins."""
+    return value > best or (math.isnan(value) and not math.isnan(best))
+
+
 def maxpool2d_forward(x, size, stride):
     """y[n, c, i, j] = max_{p, q < size} x[n, c, i*stride + p, j*stride + q];
-    argmax[n, c, i, j] = h * W + v of that maximum, the first one in row-major window order."""
+    argmax[n, c, i, j] = h * W + v of that maximum, the first one in row-major window order
+    (a NaN is the maximum of any window that holds one)."""
     size, stride, (N, C, OH, OW) = c.check_pool_forward(x, size, stride)
     W = x.shape[3]
     y = np.zeros((N, C, OH, OW), x.dtype)
@@ -103,8 +110,7 @@ def maxpool2d_forward(x, size, stride):
                     for p in range(size):
                         for q in range(size):
                             h, v = i * stride + p, j * stride + q
-                            # NOTE: strictly greater, so a tie keeps the earlier cell.
-                            if x[n, ch, h, v] > x[n, ch, best_h, best_v]:
+                            if _beats(x[n, ch, h, v], x[n, ch, best_h, best_v]):
                                 best_h, best_v = h, v
                     y[n, ch, i, j] = x[n, ch, best_h, best_v]
                     argmax[n, ch, i, j] = best_h * W + best_v
@@ -127,22 +133,21 @@ def maxpool2d_backward(dy, argmax, input_shape, size, stride):
 
 
 def relu_forward(x):
-    """y = x where x > 0, else 0."""
+    """y = 0 where x <= 0, else x (so a NaN passes through)."""
     c.check_array("x", x)
     y = np.zeros_like(x)
     for idx in np.ndindex(x.shape):
-        if x[idx] > 0:
-            y[idx] = x[idx]
+        y[idx] = 0 if x[idx] <= 0 else x[idx]
     return y
 
 
 def relu_backward(dy, y):
-    """dx = dy where the forward output y > 0, else 0."""
+    """dx = dy * 0 where the forward output y <= 0, else dy."""
     c.check_relu_backward(dy, y)
     dx = np.zeros_like(dy)
     for idx in np.ndindex(dy.shape):
-        if y[idx] > 0:
-            dx[idx] = dy[idx]
+        # NOTE: dy * 0, not 0: a NaN or infinite dy gives NaN (IEEE 754), it is not made a number
+        dx[idx] = dy[idx] * 0 if y[idx] <= 0 else dy[idx]
     return dx
 
 

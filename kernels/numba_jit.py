@@ -390,6 +390,13 @@ def conv2d_grad_input(dy, w, input_shape, stride, pad):
 # -- max pooling ------------------------------------------------------------------------------
 
 
+@_inlined
+def _beats(v, best):
+    """Strictly greater, so ties keep the first maximum; a NaN beats every number, so the first
+    NaN wins (FASTMATH keeps NaN semantics: v != v is not folded away)."""
+    return v > best or (v != v and best == best)
+
+
 @_parallel
 def _pool_forward(x, size, stride, y, argmax):
     N, C, _, W = x.shape
@@ -404,7 +411,7 @@ def _pool_forward(x, size, stride, y, argmax):
                 for p in range(size):
                     for q in range(size):
                         v = plane[i * stride + p, j * stride + q]
-                        if v > best:  # NOTE: strictly greater: ties keep the first maximum
+                        if _beats(v, best):
                             best = v
                             bh, bv = i * stride + p, j * stride + q
                 y[n, ch, i, j] = best
@@ -421,13 +428,12 @@ def _pool2x2_forward(x, y, argmax):
             top, bottom = x[n, ch, 2 * i], x[n, ch, 2 * i + 1]
             out, arg = y[n, ch, i], argmax[n, ch, i]
             for j in range(OW):
-                # NOTE: strictly greater, in row-major window order: ties keep the first maximum
-                best, at = top[2 * j], 2 * i * W + 2 * j
-                if top[2 * j + 1] > best:
+                best, at = top[2 * j], 2 * i * W + 2 * j  # window cells in row-major order
+                if _beats(top[2 * j + 1], best):
                     best, at = top[2 * j + 1], 2 * i * W + 2 * j + 1
-                if bottom[2 * j] > best:
+                if _beats(bottom[2 * j], best):
                     best, at = bottom[2 * j], (2 * i + 1) * W + 2 * j
-                if bottom[2 * j + 1] > best:
+                if _beats(bottom[2 * j + 1], best):
                     best, at = bottom[2 * j + 1], (2 * i + 1) * W + 2 * j + 1
                 out[j] = best
                 arg[j] = at
@@ -483,29 +489,29 @@ def maxpool2d_backward(dy, argmax, input_shape, size, stride):
 @_parallel
 def _relu_forward(x, y):
     for i in prange(x.size):
-        y[i] = x[i] if x[i] > 0 else 0
+        y[i] = 0 if x[i] <= 0 else x[i]  # NOTE: NaN <= 0 is false: a NaN passes
 
 
 @_serial
 def _relu_forward_serial(x, y):
     for i in range(x.size):
-        y[i] = x[i] if x[i] > 0 else 0
+        y[i] = 0 if x[i] <= 0 else x[i]  # NOTE: NaN <= 0 is false: a NaN passes
 
 
 @_parallel
 def _relu_backward(dy, y, dx):
     for i in prange(dy.size):
-        dx[i] = dy[i] if y[i] > 0 else 0
+        dx[i] = dy[i] * 0 if y[i] <= 0 else dy[i]  # NOTE: dy * 0 keeps a NaN dy NaN
 
 
 @_serial
 def _relu_backward_serial(dy, y, dx):
     for i in range(dy.size):
-        dx[i] = dy[i] if y[i] > 0 else 0
+        dx[i] = dy[i] * 0 if y[i] <= 0 else dy[i]  # NOTE: dy * 0 keeps a NaN dy NaN
 
 
 def relu_forward(x):
-    """y = max(x, 0), elementwise, any shape."""
+    """y = 0 where x <= 0, else x (NaN passes), elementwise, any shape."""
     c.check_array("x", x)
     x = np.ascontiguousarray(x)
     y = np.empty_like(x)
@@ -515,7 +521,7 @@ def relu_forward(x):
 
 
 def relu_backward(dy, y):
-    """dx = dy where the forward output y was positive, else 0."""
+    """dx = dy where the forward output y was not <= 0 (positive or NaN), else dy * 0."""
     c.check_relu_backward(dy, y)
     dy = np.ascontiguousarray(dy)
     dx = np.empty_like(dy)

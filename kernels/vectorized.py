@@ -80,7 +80,8 @@ def maxpool2d_forward(x, size, stride):
     size, stride, (n, ch, oh, ow) = c.check_pool_forward(x, size, stride)
     w = x.shape[3]
     # One whole-array pass per window position (p, q), in row-major order: a cell moves to a
-    # later position only when strictly greater, so ties keep the first maximum (the contract).
+    # later position only when strictly greater, so ties keep the first maximum (the contract);
+    # a NaN counts as larger than every number.
     y = x[:, :, : stride * oh : stride, : stride * ow : stride].copy()
     k = np.zeros(y.shape, np.int64)
     for p in range(size):
@@ -88,7 +89,7 @@ def maxpool2d_forward(x, size, stride):
             if p == q == 0:
                 continue
             v = x[:, :, p : p + stride * oh : stride, q : q + stride * ow : stride]
-            better = v > y
+            better = (v > y) | (np.isnan(v) & ~np.isnan(y))  # NOTE: the first NaN wins
             np.copyto(y, v, where=better)
             np.copyto(k, p * w + q, where=better)
     corner = (np.arange(oh)[:, None] * stride) * w + np.arange(ow) * stride
@@ -106,15 +107,15 @@ def maxpool2d_backward(dy, argmax, input_shape, size, stride):
 
 
 def relu_forward(x):
-    """y = max(x, 0), elementwise."""
+    """y = max(x, 0), elementwise (np.maximum propagates NaN)."""
     c.check_array("x", x)
     return np.maximum(x, 0)
 
 
 def relu_backward(dy, y):
-    """dx = dy where the forward output y was positive, else 0."""
+    """dx = dy where the forward output y was not <= 0 (positive or NaN), else dy * 0."""
     c.check_relu_backward(dy, y)
-    return dy * (y > 0)
+    return dy * ~(y <= 0)  # NOTE: dy * 0 keeps a NaN or infinite dy NaN
 
 
 def dense_forward(x, w, b):

@@ -192,8 +192,9 @@ def test_plain_python_mode_is_really_plain_python():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_sgd_update_agrees_with_naive(fast, rng, dtype):
-    p = rng.standard_normal((3, 4, 2)).astype(dtype)
+@pytest.mark.parametrize("shape", [(3, 4, 2), (1 << 17) + 3])  # numba: one thread, and parallel
+def test_sgd_update_agrees_with_naive(fast, rng, dtype, shape):
+    p = rng.standard_normal(shape).astype(dtype)
     g = rng.standard_normal(p.shape).astype(dtype)
     expected = p.copy()
     NAIVE.sgd_update(expected, g, 0.1)
@@ -202,3 +203,128 @@ def test_sgd_update_agrees_with_naive(fast, rng, dtype):
     np.testing.assert_allclose(p, expected, **tol(dtype))
     with pytest.raises(ValueError, match="does not match"):
         fast.sgd_update(p, g[:1], 0.1)
+
+
+# -- the NaN rule (kernels/_contract.py): no backend turns a NaN or an infinity into a number ----
+
+
+# inf * 0 and inf - inf are NaN by design here: NumPy's warnings about them are expected
+nan_ok = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def assert_nan_rule(got, want, dtype, what):
+    """Where the reference is NaN, ``got`` is NaN; where it is +-inf, the same inf or NaN (a
+    backend may multiply by zeros the formula never reads); elsewhere ``got`` is NaN or close."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, what
+    nan = np.isnan(want)
+    assert np.isnan(got[nan]).all(), f"{what}: a NaN of the reference became a number"
+    inf = np.isinf(want)
+    assert (np.isnan(got[inf]) | (got[inf] == want[inf])).all(), f"{what}: an inf was lost"
+    finite = np.isfinite(want) & ~np.isnan(got)
+    np.testing.assert_allclose(got[finite], want[finite], **tol(dtype), err_msg=what)
+    # the extra NaNs a backend may add come from zeros the formula skips, never from nowhere
+    return int(np.count_nonzero(np.isnan(got) & ~nan))
+
+
+def poison(rng, a, count=2, values=(np.nan,)):
+    """A copy of ``a`` with ``count`` cells set to values drawn from ``values``."""
+    a = a.copy()
+    flat = a.reshape(-1)
+    if flat.size:
+        for i in rng.choice(flat.size, min(count, flat.size), replace=False):
+            flat[i] = values[int(rng.integers(len(values)))]
+    return a
+
+
+NAN_CONVS = [(2, 3, 6, 7, 5, 3, 3, 1, 1), (2, 2, 7, 5, 3, 3, 3, 2, 1), (1, 2, 5, 18, 4, 3, 3, 1, 0),
+             (2, 1, 6, 6, 2, 2, 3, 1, 2)]
+
+
+@nan_ok
+@pytest.mark.parametrize("case", NAN_CONVS, ids=case_id)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_conv_keeps_nan_and_inf(fast, rng, case, dtype, bad):
+    n, c, h, w, f, kh, kw, stride, pad = case
+    values = (np.nan,) if bad == "nan" else (np.inf, -np.inf)
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    wt = rng.standard_normal((f, c, kh, kw)).astype(dtype)
+    b = rng.standard_normal(f).astype(dtype)
+    dy = rng.standard_normal((n, f) + NAIVE.conv2d_forward(x, wt, b, stride, pad).shape[2:])
+    dy = dy.astype(dtype)
+    for name in ("x", "w", "b"):
+        args = {"x": x, "w": wt, "b": b}
+        args[name] = poison(rng, args[name], values=values)
+        want = NAIVE.conv2d_forward(args["x"], args["w"], args["b"], stride, pad)
+        assert not np.isfinite(want).all()
+        assert_nan_rule(fast.conv2d_forward(args["x"], args["w"], args["b"], stride, pad),
+                        want, dtype, f"forward, {bad} in {name}")
+    for name in ("x", "dy"):
+        args = {"x": x, "dy": dy}
+        args[name] = poison(rng, args[name], values=values)
+        got = fast.conv2d_grad_weight(args["x"], args["dy"], (kh, kw), stride, pad)
+        want = NAIVE.conv2d_grad_weight(args["x"], args["dy"], (kh, kw), stride, pad)
+        assert not np.isfinite(want[0]).all()
+        for g, r, part in zip(got, want, ("dw", "db"), strict=True):
+            assert_nan_rule(g, r, dtype, f"{part}, {bad} in {name}")
+    for name in ("dy", "w"):
+        args = {"dy": dy, "w": wt}
+        args[name] = poison(rng, args[name], values=values)
+        want = NAIVE.conv2d_grad_input(args["dy"], args["w"], x.shape, stride, pad)
+        assert not np.isfinite(want).all()
+        assert_nan_rule(fast.conv2d_grad_input(args["dy"], args["w"], x.shape, stride, pad),
+                        want, dtype, f"dx, {bad} in {name}")
+
+
+@nan_ok
+@pytest.mark.parametrize("case", [(2, 3, 6, 6, 2, 2), (1, 2, 7, 5, 3, 2), (2, 1, 5, 7, 2, 1)],
+                         ids=case_id)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pool_keeps_nan_and_points_at_the_first(fast, rng, case, dtype):
+    n, c, h, w, size, stride = case
+    x = poison(rng, rng.standard_normal((n, c, h, w)).astype(dtype), count=h * w // 2,
+               values=(np.nan, np.inf, -np.inf))
+    y, arg = fast.maxpool2d_forward(x, size, stride)
+    y_ref, arg_ref = NAIVE.maxpool2d_forward(x, size, stride)
+    assert np.isnan(y_ref).any()
+    np.testing.assert_array_equal(y, y_ref)  # NaN in the same cells (array_equal: NaN == NaN)
+    np.testing.assert_array_equal(arg, arg_ref)
+    dy = poison(rng, rng.standard_normal(y.shape).astype(dtype))
+    assert_nan_rule(fast.maxpool2d_backward(dy, arg, x.shape, size, stride),
+                    NAIVE.maxpool2d_backward(dy, arg_ref, x.shape, size, stride), dtype, "dx")
+
+
+@nan_ok
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [7, (1 << 17) + 5])  # the numba backend's one-thread and
+def test_relu_keeps_nan_and_inf(fast, rng, dtype, size):  # parallel paths
+    x = poison(rng, rng.standard_normal(size).astype(dtype), count=40,
+               values=(np.nan, np.inf, -np.inf))
+    y = fast.relu_forward(x)
+    np.testing.assert_array_equal(y, NAIVE.relu_forward(x))
+    dy = poison(rng, rng.standard_normal(size).astype(dtype), count=40,
+                values=(np.nan, np.inf, -np.inf))
+    np.testing.assert_array_equal(fast.relu_backward(dy, y), NAIVE.relu_backward(dy, y))
+
+
+@nan_ok
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dense_and_loss_keep_nan(fast, rng, dtype):
+    x, w, b = (rng.standard_normal(s).astype(dtype) for s in ((5, 37), (6, 37), (6,)))
+    for args in ((poison(rng, x), w, b), (x, poison(rng, w), b), (x, w, poison(rng, b))):
+        assert_nan_rule(fast.dense_forward(*args), NAIVE.dense_forward(*args), dtype, "dense")
+    dy = poison(rng, rng.standard_normal((5, 6)).astype(dtype))
+    for got, want in zip(fast.dense_backward(dy, x, w), NAIVE.dense_backward(dy, x, w),
+                         strict=True):
+        assert_nan_rule(got, want, dtype, "dense backward")
+    logits = rng.standard_normal((4, 10)).astype(dtype)
+    labels = np.array([1, 2, 3, 4])
+    for bad in (np.nan, np.inf):
+        poisoned = logits.copy()
+        poisoned[2, 5] = bad
+        loss, d = fast.softmax_cross_entropy(poisoned, labels)
+        loss_ref, d_ref = NAIVE.softmax_cross_entropy(poisoned, labels)
+        assert np.isnan(loss) and np.isnan(loss_ref)
+        assert np.isnan(d[2]).all() and np.isnan(d_ref[2]).all()
+        assert_nan_rule(d, d_ref, dtype, "dlogits")

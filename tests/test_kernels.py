@@ -160,3 +160,58 @@ def test_kernels_reject_bad_input(k):
         argmax[0, 1, 1, 0] = bad
         with pytest.raises(ValueError, match=r"argmax values must lie in \[0, 25\).*1 do not"):
             k.maxpool2d_backward(dy, argmax, x.shape, 2, 2)
+    with pytest.raises(TypeError, match="y must be float32 or float64, got complex128"):
+        k.relu_backward(np.ones(3, np.float64), np.ones(3, np.complex128))
+    with pytest.raises(TypeError, match="y has dtype float32"):
+        k.relu_backward(np.ones(3, np.float64), np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="logits has no rows"):
+        k.softmax_cross_entropy(np.zeros((0, 3), np.float32), np.zeros(0, np.int64))
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        k.sgd_update(np.ones(3), np.ones(3), np.float64(np.nan))
+
+
+def test_sgd_update_takes_numpy_scalars(k):
+    for lr in (np.float32(0.5), np.float64(0.5), np.int64(1), 0.5):
+        p = np.ones(4, np.float32)
+        k.sgd_update(p, np.full(4, 2, np.float32), lr)
+        np.testing.assert_array_equal(p, 1 - 2 * float(lr))
+
+
+# The NaN rule of the contract, spelled out on small cases (tests/test_conformance.py checks that
+# every backend agrees with naive on random ones): what each kernel does with NaN and infinities.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_nan_rule(k, dtype):
+    nan, inf = np.nan, np.inf
+    x = np.array([nan, -1.0, 2.0, inf, -inf, 0.0], dtype)
+    y = k.relu_forward(x)
+    np.testing.assert_array_equal(y, np.array([nan, 0, 2, inf, 0, 0], dtype))
+    dy = np.array([1.0, nan, nan, inf, -inf, 3.0], dtype)
+    # dy where y > 0 or y is NaN, else dy * 0 (NaN for a NaN or infinite dy)
+    np.testing.assert_array_equal(k.relu_backward(dy, y), np.array([1, nan, nan, inf, nan, 0],
+                                                                    dtype))
+    plane = np.array([[[[1.0, 5.0, 0.0, -1.0],
+                        [nan, 2.0, 0.0, nan],
+                        [3.0, nan, -inf, -inf],
+                        [0.0, 9.0, -inf, nan]]]], dtype)
+    pooled, arg = k.maxpool2d_forward(plane, 2, 2)
+    np.testing.assert_array_equal(pooled, np.array([[[[nan, nan], [nan, nan]]]], dtype))
+    # the first NaN of each window in row-major order: (1, 0), (1, 3), (2, 1), (3, 3)
+    np.testing.assert_array_equal(arg, np.array([[[[4, 7], [9, 15]]]]))
+    w = np.ones((1, 1, 3, 3), dtype)
+    out = k.conv2d_forward(plane[:, :, :3, :3], w, np.zeros(1, dtype), 1, 0)
+    assert np.isnan(out).all()
+    loss, d = k.softmax_cross_entropy(np.array([[0.0, nan], [1.0, 2.0]], dtype),
+                                      np.array([0, 1]))
+    assert np.isnan(loss) and np.isnan(d[0]).all() and np.isfinite(d[1]).all()
+
+
+def test_the_nan_rule_matches_pytorch(k, rng):
+    torch = pytest.importorskip("torch")
+    x = rng.standard_normal((2, 3, 6, 6))
+    x[0, 1, 2, 3] = x[1, 2, 0, 0] = x[1, 0, 5, 5] = np.nan
+    x[0, 0, 1, 1] = np.inf
+    tx = torch.from_numpy(x)
+    np.testing.assert_array_equal(k.relu_forward(x), torch.relu(tx).numpy())
+    pooled, _ = k.maxpool2d_forward(x, 2, 2)
+    np.testing.assert_array_equal(pooled, torch.nn.functional.max_pool2d(tx, 2).numpy())
