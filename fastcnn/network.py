@@ -15,14 +15,51 @@ from . import serialize
 from .backend import kernels
 from .layers import Layer, SoftmaxCrossEntropy
 
+# Divergence: a loss that grows past DIVERGENCE_FACTOR times where it started (at least chance
+# level, ln K for K classes) is divergence, not a bad batch. Batch losses are smoothed first
+# (an exponential moving average with this weight on the newest) so one hard batch is not.
+DIVERGENCE_FACTOR = 10.0
+_SMOOTHING = 0.1
+# Image values this large (in absolute value) are named when a loss goes wrong: float images
+# are used as given, and 0..255 floats are the usual mistake.
+_LARGE_PIXEL = 100.0
+
+
+class TrainingDiverged(FloatingPointError):
+    """The training loss became NaN or infinite, or grew far past where it started.
+
+    ``epoch`` and ``batch`` (1-based) say where; ``loss`` is the offending value.
+    """
+
+    def __init__(self, message, epoch, batch, loss):
+        super().__init__(message)
+        self.epoch, self.batch, self.loss = epoch, batch, loss
+
+
+def _number(name, value, positive=True):
+    """A real number (Python or NumPy scalar, not bool) that is finite (and > 0) -> float."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, (int, float, np.integer, np.floating)) or not np.isfinite(value) or (
+            positive and value <= 0):
+        raise ValueError(f"{name} must be a {'positive ' if positive else ''}finite number, "
+                         f"got {value!r}")
+    return float(value)
+
+
+def _count(name, value, minimum=1):
+    """An int (Python or NumPy, not bool) >= minimum."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
 
 class SGD:
     """Plain mini-batch SGD on the gradient of the mean loss: ``p -= lr * grad``."""
 
     def __init__(self, lr):
-        if not (isinstance(lr, (int, float)) and np.isfinite(lr) and lr > 0):
-            raise ValueError(f"lr must be a positive number, got {lr!r}")
-        self.lr = float(lr)
+        self.lr = _number("lr", lr)
 
     def step(self, net):
         update = kernels().sgd_update
@@ -135,6 +172,22 @@ class ConvNet:
 
     # -- data ---------------------------------------------------------------------------------
 
+    def _check_images(self, x, what="x"):
+        """The one rule for images everywhere (fit, evaluate, predict): uint8 pixels are scaled
+        by 1/255, float images are used as given and must be finite; anything else is refused."""
+        self._check_input(x)
+        if x.dtype != np.uint8 and x.dtype.kind != "f":
+            raise TypeError(
+                f"{what}: images must be uint8 (0..255, scaled to [0, 1] for you) or float "
+                f"(used as given), got {x.dtype}: convert them first, e.g. "
+                f"x.astype(np.uint8) for 0..255 pixels or x.astype(np.float32) / 255")
+        if x.dtype.kind == "f":
+            bad = _nonfinite_images(x)
+            if len(bad):
+                shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+                raise ValueError(f"{what}: {len(bad)} of {len(x)} images hold NaN or infinite "
+                                 f"values (at index {shown}); fix or drop them")
+
     def _batch(self, x, idx, out):
         """x[idx] as the network's dtype; uint8 images are scaled to [0, 1]."""
         out = out[: len(idx)]
@@ -145,11 +198,11 @@ class ConvNet:
         return out
 
     def _check_data(self, x, y, what="x, y"):
-        self._check_input(x)
-        if x.dtype != np.uint8 and x.dtype.kind != "f":
-            raise TypeError(f"images must be uint8 or float, got {x.dtype}")
+        self._check_images(x, what)
         if not isinstance(y, np.ndarray) or y.ndim != 1 or y.dtype.kind not in "iu":
-            raise TypeError(f"labels must be a 1-D integer numpy array ({what})")
+            got = (f"{y.dtype} {y.shape}" if isinstance(y, np.ndarray)
+                   else type(y).__name__)
+            raise TypeError(f"labels must be a 1-D integer numpy array ({what}), got {got}")
         if len(x) != len(y):
             raise ValueError(f"{len(x)} images but {len(y)} labels ({what})")
         if len(x) == 0:
@@ -174,18 +227,30 @@ class ConvNet:
 
         x: (N, C, H, W) uint8 (scaled by 1/255 per batch) or float images; y: (N,) int labels.
         verbose: a tqdm progress bar per epoch and one line per epoch on stdout.
+
+        Everything is checked before the first batch: images holding NaN or inf are a ValueError
+        naming their indices. Training that goes wrong stops with ``TrainingDiverged`` (a
+        FloatingPointError): a NaN or infinite loss, a smoothed loss grown past
+        ``DIVERGENCE_FACTOR`` times where it started, parameters no longer finite after an
+        epoch, or a first-batch loss that far above chance level before any update (then the
+        message blames the images or the initial weights, not the learning rate).
         """
+        epochs = _count("epochs", epochs)
+        batch_size = _count("batch_size", batch_size)
+        optimizer = SGD(lr)
         self._check_data(x, y)
         if validation_data is not None:
+            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+                got = (f"a {len(validation_data)}-tuple" if isinstance(validation_data,
+                                                                      (tuple, list))
+                       else type(validation_data).__name__)
+                raise ValueError(f"validation_data must be a pair (x_val, y_val), got {got}")
             self._check_data(*validation_data, what="validation_data")
-        epochs = int(epochs)
-        batch_size = int(batch_size)
-        if epochs < 1 or batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
-        optimizer = SGD(lr)
+        self._check_parameters()
         rng = np.random.default_rng(seed)
         keys = ("loss", "accuracy", "val_loss", "val_accuracy", "seconds", "images_per_second")
         history = {k: [] for k in keys}
+        watch = _DivergenceWatch(self.output_shapes()[-1][0], optimizer.lr)
         for epoch in range(1, epochs + 1):
             order = rng.permutation(len(x)) if shuffle else None
             bar = _progress(len(x), f"epoch {epoch}/{epochs}", verbose)
@@ -194,11 +259,11 @@ class ConvNet:
             for b, (idx, xb) in enumerate(self._batches(x, batch_size, order)):
                 yb = y[idx]
                 loss, logits = self.train_step(xb, yb, optimizer)
-                if not np.isfinite(loss):
+                try:
+                    watch.check(loss, epoch, b + 1, xb)
+                except TrainingDiverged:
                     bar.close()
-                    raise FloatingPointError(
-                        f"training diverged: the loss became {loss} at epoch {epoch}, batch {b + 1}"
-                        f" (lr={lr}); try a smaller learning rate")
+                    raise
                 total_loss += loss * len(idx)
                 correct += int(np.count_nonzero(logits.argmax(axis=1) == yb))
                 seen += len(idx)
@@ -206,13 +271,18 @@ class ConvNet:
                 if b % 20 == 0:
                     bar.set_postfix(loss=f"{total_loss / seen:.4f}", refresh=False)
             bar.close()
+            bad = self._nonfinite_parameters()
+            if bad:  # the last step of the epoch may have blown up after its loss was taken
+                raise TrainingDiverged(
+                    f"training diverged at the end of epoch {epoch}: the parameters of {bad} are "
+                    f"no longer finite; {watch.advice}", epoch, b + 1, float("nan"))
             seconds = time.perf_counter() - start
             history["loss"].append(total_loss / seen)
             history["accuracy"].append(correct / seen)
             history["seconds"].append(seconds)
             history["images_per_second"].append(seen / seconds)
             if validation_data is not None:
-                val = self.evaluate(*validation_data)
+                val = self._evaluate(*validation_data, batch_size=64)
                 history["val_loss"].append(val["loss"])
                 history["val_accuracy"].append(val["accuracy"])
             if verbose:
@@ -225,11 +295,14 @@ class ConvNet:
         return history
 
     def predict_proba(self, x, batch_size=64):
-        """Class probabilities (N, K) for images x (uint8 or float)."""
-        self._check_input(x)
-        out = []
-        for _, xb in self._batches(x, batch_size):
-            logits = self.forward(xb)
+        """Class probabilities (N, K) for images x: uint8 (scaled by 1/255) or finite floats."""
+        batch_size = _count("batch_size", batch_size)
+        self._check_images(x)
+        self._check_parameters()
+        k = self.output_shapes()[-1][0]
+        out = [np.empty((0, k), self.dtype)]
+        for idx, xb in self._batches(x, batch_size):
+            logits = self._finite_logits(xb, idx)
             e = np.exp(logits - logits.max(axis=1, keepdims=True))
             out.append(e / e.sum(axis=1, keepdims=True))
         return np.concatenate(out)
@@ -240,13 +313,44 @@ class ConvNet:
 
     def evaluate(self, x, y, batch_size=64):
         """{"loss": mean cross-entropy, "accuracy": fraction correct} on images x, labels y."""
+        batch_size = _count("batch_size", batch_size)
         self._check_data(x, y)
+        self._check_parameters()
+        return self._evaluate(x, y, batch_size)
+
+    def _evaluate(self, x, y, batch_size):
         total_loss = correct = 0.0
         for idx, xb in self._batches(x, batch_size):
-            logits = self.forward(xb)
+            logits = self._finite_logits(xb, idx)
             total_loss += self.loss.forward(logits, y[idx]) * len(idx)
             correct += np.count_nonzero(logits.argmax(axis=1) == y[idx])
         return {"loss": float(total_loss / len(x)), "accuracy": float(correct / len(x))}
+
+    def _finite_logits(self, xb, idx):
+        """The forward pass at inference; outputs that are not finite are an error, never a
+        prediction (the argmax of a NaN row would be class 0)."""
+        logits = self.forward(xb)
+        rows = ~np.isfinite(logits).all(axis=1)
+        if rows.any():
+            first = int(idx[np.argmax(rows)])
+            raise FloatingPointError(
+                f"the model's outputs are not finite for {int(rows.sum())} images of a batch "
+                f"(the first at index {first}): its weights overflow on these images"
+                f"{_pixel_note(xb)}")
+        return logits
+
+    def _nonfinite_parameters(self):
+        """'layer i (Type) key' for the first parameter holding NaN or inf, else None."""
+        for i, layer in enumerate(self.layers):
+            for key, p in layer.params.items():
+                if not np.isfinite(p).all():
+                    return f"layer {i} ({type(layer).__name__}) {key}"
+        return None
+
+    def _check_parameters(self):
+        bad = self._nonfinite_parameters()
+        if bad:
+            raise ValueError(f"the model's {bad} holds NaN or infinite values")
 
     # -- persistence --------------------------------------------------------------------------
 
@@ -258,6 +362,59 @@ class ConvNet:
     def load(cls, path):
         """Read a model written by ``save``; a corrupt or foreign file is a ValueError."""
         return serialize.load(cls, path)
+
+
+def _nonfinite_images(x, chunk=4096):
+    """Indices of the images in float array x that hold a NaN or an infinity (read in chunks:
+    no mask as large as x)."""
+    bad = []
+    for start in range(0, len(x), chunk):
+        part = x[start : start + chunk].reshape(min(chunk, len(x) - start), -1)
+        rows = ~np.isfinite(part).all(axis=1)
+        bad.extend((np.flatnonzero(rows) + start).tolist())
+    return bad
+
+
+def _pixel_note(xb):
+    """A hint when a batch's values are far outside [0, 1] (uint8 batches are already scaled)."""
+    top = float(np.max(np.abs(xb))) if xb.size else 0.0
+    if top <= _LARGE_PIXEL:
+        return ""
+    return (f"; the images' values reach {top:.3g}: float images are used as given, so scale "
+            f"them to about [0, 1] (uint8 images are scaled for you)")
+
+
+class _DivergenceWatch:
+    """Decides, batch by batch, whether training has gone wrong, and says what to do."""
+
+    def __init__(self, classes, lr):
+        self.chance = float(np.log(classes)) if classes > 1 else 1.0
+        self.classes = classes
+        self.start = self.smooth = None
+        self.advice = f"try a smaller learning rate than lr={lr:g}"
+
+    def check(self, loss, epoch, batch, xb):
+        first = self.start is None
+        where = f"epoch {epoch}, batch {batch}"
+        chance = f"chance level for {self.classes} classes is ln {self.classes} = {self.chance:.2f}"
+        if first:
+            if not np.isfinite(loss) or loss > DIVERGENCE_FACTOR * max(self.chance, 1.0):
+                raise TrainingDiverged(
+                    f"the loss on the first batch, before any update, is {loss:.4g} ({chance}), "
+                    f"so the learning rate is not the cause: the images or the model's initial "
+                    f"weights are far off{_pixel_note(xb)}", epoch, batch, loss)
+            self.start = self.smooth = max(loss, self.chance)
+            return
+        if not np.isfinite(loss):
+            raise TrainingDiverged(
+                f"training diverged: the loss became {loss} at {where}; "
+                f"{self.advice}{_pixel_note(xb)}", epoch, batch, loss)
+        self.smooth += _SMOOTHING * (loss - self.smooth)
+        if self.smooth > DIVERGENCE_FACTOR * self.start:
+            raise TrainingDiverged(
+                f"training diverged: the loss grew to {self.smooth:.4g} (smoothed over recent "
+                f"batches) at {where}, from {self.start:.4g} at the start ({chance}); "
+                f"{self.advice}{_pixel_note(xb)}", epoch, batch, loss)
 
 
 class _NoBar:
