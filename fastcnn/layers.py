@@ -59,6 +59,12 @@ class Layer:
     def output_shape(self, shape):
         return tuple(shape)
 
+    @classmethod
+    def param_specs(cls, **config):
+        """{key: (shape, dtype)} of the parameters a layer built from ``config`` would have,
+        computed without allocating them (model files are checked against this first)."""
+        return {}
+
     def config(self):
         """Constructor arguments, JSON-serialisable, for ``ConvNet.save``."""
         return {}
@@ -74,18 +80,28 @@ class Conv2D(Layer):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding="same",
                  dtype=np.float32, rng=None):
         super().__init__()
-        self.in_channels = _contract.check_int("in_channels", in_channels, 1)
-        self.out_channels = _contract.check_int("out_channels", out_channels, 1)
+        specs = self.param_specs(in_channels, out_channels, kernel_size, stride, padding, dtype)
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size = _contract.pair("kernel_size", kernel_size)
-        self.stride = _contract.check_int("stride", stride, 1)
+        self.stride = int(stride)
         self.padding = padding
         self.pad = resolve_padding(padding, self.kernel_size)
-        dtype = _float_dtype(dtype)
         kh, kw = self.kernel_size
-        shape = (self.out_channels, self.in_channels, kh, kw)
+        shape, dtype = specs["weight"]
         self.params["weight"] = _he_normal(_rng(rng), shape, self.in_channels * kh * kw, dtype)
-        self.params["bias"] = np.zeros(self.out_channels, dtype)
+        self.params["bias"] = np.zeros(*specs["bias"])
         self._x = None
+
+    @classmethod
+    def param_specs(cls, in_channels, out_channels, kernel_size, stride=1, padding="same",
+                    dtype=np.float32, rng=None):
+        f = _contract.check_int("out_channels", out_channels, 1)
+        c = _contract.check_int("in_channels", in_channels, 1)
+        kh, kw = _contract.pair("kernel_size", kernel_size)
+        _contract.check_int("stride", stride, 1)
+        resolve_padding(padding, (kh, kw))
+        dtype = _float_dtype(dtype)
+        return {"weight": ((f, c, kh, kw), dtype), "bias": ((f,), dtype)}
 
     def output_shape(self, shape):
         if len(shape) != 3 or shape[0] != self.in_channels:
@@ -174,12 +190,18 @@ class Dense(Layer):
 
     def __init__(self, in_features, out_features, dtype=np.float32, rng=None):
         super().__init__()
-        self.in_features = _contract.check_int("in_features", in_features, 1)
-        self.out_features = _contract.check_int("out_features", out_features, 1)
+        specs = self.param_specs(in_features, out_features, dtype)
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        shape, dtype = specs["weight"]
+        self.params["weight"] = _he_normal(_rng(rng), shape, self.in_features, dtype)
+        self.params["bias"] = np.zeros(*specs["bias"])
+
+    @classmethod
+    def param_specs(cls, in_features, out_features, dtype=np.float32, rng=None):
+        n_in = _contract.check_int("in_features", in_features, 1)
+        n_out = _contract.check_int("out_features", out_features, 1)
         dtype = _float_dtype(dtype)
-        self.params["weight"] = _he_normal(_rng(rng), (self.out_features, self.in_features),
-                                           self.in_features, dtype)
-        self.params["bias"] = np.zeros(self.out_features, dtype)
+        return {"weight": ((n_out, n_in), dtype), "bias": ((n_out,), dtype)}
 
     def output_shape(self, shape):
         if len(shape) != 1:

@@ -1,38 +1,46 @@
-"""Model files: one .npz (read with allow_pickle=False) holding the parameters and, as UTF-8 bytes,
-a JSON description of the architecture. Written to a temporary file and renamed into place, so a
-crash never leaves half a model behind; every array's shape and dtype is checked when read, and the
-zip's CRC-32 catches flipped bytes.
+"""Model files: one .npz (a zip of .npy members, never unpickled) holding the parameters and, as
+UTF-8 bytes, a JSON description of the architecture.
+
+Saving writes a temporary file beside the destination and renames it into place (see
+``atomic``), so a crash never leaves half a model behind. Loading trusts nothing in the file and
+checks it in order, before it allocates anything the file merely claims:
+
+1. the zip directory: only stored or deflated, unencrypted ``.npy`` members, each no larger
+   than the file could hold, no duplicate names;
+2. the architecture record (at most 1 MiB of JSON): its format and version, an input shape of
+   at most ``MAX_INPUT_VALUES`` values, at least one layer, each of a known type with a valid
+   configuration;
+3. every parameter's ``.npy`` header against the shape and dtype that the architecture implies
+   (computed without allocating), and the member's size against that header; no extra members;
+4. only then the layers (which must fit together and end in a flat vector of class scores) and
+   the arrays themselves, which must be finite; the zip's CRC-32 covers every byte read.
+
+Every failure is one ValueError that names the file.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from . import atomic
 from .layers import LAYER_TYPES
 
 FORMAT = "fastcnn-model"
 VERSION = 1
+MAX_ARCHITECTURE_BYTES = 1 << 20
+MAX_INPUT_VALUES = 1 << 28  # values in one input image (C * H * W): 1 GB of float32
+# Deflate cannot expand more than about 1032:1; a member claiming more is not a real one.
+_DEFLATE_MAX_RATIO = 1032
+_NPY_HEADER_MAX = 1 << 16
 
 
-def atomic_write(path, write):
-    """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it to ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def check_destination(path):
+    """Fail before training, not after, when ``path`` cannot be written."""
+    return atomic.check_destination(path, "model")
 
 
 def save(net, path):
@@ -44,7 +52,12 @@ def save(net, path):
             arrays[f"layer{i}.{key}"] = p
     arch = {"format": FORMAT, "version": VERSION, "input_shape": net.input_shape, "layers": layers}
     arrays["architecture"] = np.frombuffer(json.dumps(arch).encode(), dtype=np.uint8)
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    check_destination(path)
+    atomic.atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+class _Bad(ValueError):
+    """What is wrong with the file, without its name (added once, at the top)."""
 
 
 def load(cls, path):
@@ -52,31 +65,171 @@ def load(cls, path):
     if not path.is_file():
         raise FileNotFoundError(f"no model file at {path}")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if "architecture" not in z.files:
-                raise ValueError("it has no architecture record")
-            arch = json.loads(z["architecture"].tobytes().decode())
-            if arch.get("format") != FORMAT or arch.get("version") != VERSION:
-                raise ValueError(f"unknown format {arch.get('format')!r} v{arch.get('version')}")
-            net = cls(input_shape=arch["input_shape"])
-            for i, spec in enumerate(arch["layers"]):
-                layer = _build_layer(spec)
-                for key, p in layer.params.items():
-                    stored = z[f"layer{i}.{key}"]
-                    if stored.shape != p.shape or stored.dtype != p.dtype:
-                        raise ValueError(
-                            f"layer {i} ({spec['type']}) {key} is {stored.dtype}{stored.shape}, "
-                            f"the architecture says {p.dtype}{p.shape}")
-                    p[...] = stored
-                net.add(layer)
-    except (zipfile.BadZipFile, EOFError, OSError, KeyError, TypeError, ValueError) as e:
+        return _load(cls, path)
+    except _Bad as e:
+        raise ValueError(f"{path} is not a valid fastcnn model file: {e}") from None
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{path} is not a valid fastcnn model file (not a zip archive, or "
+                         f"truncated or corrupt): {e}") from None
+    except RecursionError:
+        raise ValueError(f"{path} is not a valid fastcnn model file: its architecture record "
+                         f"is nested too deeply") from None
+    except Exception as e:  # noqa: BLE001 - whatever a crafted file provokes is the file's fault
         raise ValueError(f"{path} is not a valid fastcnn model file (truncated or corrupt?): "
-                         f"{e}") from e
+                         f"{type(e).__name__}: {e}") from e
+
+
+def _load(cls, path):
+    file_size = path.stat().st_size
+    with zipfile.ZipFile(path) as z:
+        members = _check_directory(z, file_size)
+        arch = _read_architecture(z, members)
+        net, specs = _plan(cls, arch)
+        expected = {f"layer{i}.{key}.npy" for i, layer_specs in enumerate(specs)
+                    for key in layer_specs}
+        extra = sorted(set(members) - expected - {"architecture.npy"})
+        if extra:
+            raise _Bad(f"it holds members the architecture does not name: {', '.join(extra[:5])}")
+        for i, layer_specs in enumerate(specs):
+            for key, (shape, dtype) in layer_specs.items():
+                name = f"layer{i}.{key}.npy"
+                if name not in members:
+                    raise _Bad(f"layer {i} ({arch['layers'][i]['type']}) has no {key} array")
+                _check_header(z, members[name], f"layer {i} ({arch['layers'][i]['type']}) {key}",
+                              shape, dtype)
+        # Every size the file claims agrees with the bytes it holds: now allocate and read.
+        for i, spec in enumerate(arch["layers"]):
+            try:
+                layer = LAYER_TYPES[spec["type"]](**spec.get("config", {}))
+            except (TypeError, ValueError) as e:
+                raise _Bad(f"layer {i} ({spec['type']}) has a bad config: {e}") from None
+            try:
+                net.add(layer)  # checks that it fits what comes before it
+            except ValueError as e:
+                raise _Bad(str(e)) from None
+            for key, p in layer.params.items():
+                what = f"layer {i} ({spec['type']}) {key}"
+                with z.open(members[f"layer{i}.{key}.npy"]) as f:
+                    stored = np.lib.format.read_array(f, allow_pickle=False)
+                    if f.read(1):
+                        raise _Bad(f"{what} has bytes after its array")
+                if stored.shape != p.shape or stored.dtype != p.dtype:  # headers were checked
+                    raise _Bad(f"{what} is {stored.dtype}{stored.shape}, expected "
+                               f"{p.dtype}{p.shape}")
+                if not np.isfinite(stored).all():
+                    raise _Bad(f"{what} holds {np.count_nonzero(~np.isfinite(stored))} NaN or "
+                               f"infinite values")
+                p[...] = stored
+    last = net.output_shapes()[-1]
+    if len(last) != 1:
+        raise _Bad(f"its last layer gives {last} per image, not a vector of class scores")
     return net
 
 
-def _build_layer(spec):
-    cls = LAYER_TYPES.get(spec.get("type"))
-    if cls is None:
-        raise ValueError(f"unknown layer type {spec.get('type')!r}")
-    return cls(**spec.get("config", {}))
+def _check_directory(z, file_size):
+    members = {}
+    for info in z.infolist():
+        name = info.filename
+        if name in members:
+            raise _Bad(f"member {name!r} appears twice")
+        if not name.endswith(".npy"):
+            raise _Bad(f"member {name!r} is not a .npy array")
+        if info.flag_bits & 0x1:
+            raise _Bad(f"member {name!r} is encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise _Bad(f"member {name!r} uses zip compression method {info.compress_type}; "
+                       f"model files are stored or deflated")
+        if info.compress_size > file_size:
+            raise _Bad(f"member {name!r} claims {info.compress_size} bytes, more than the whole "
+                       f"file ({file_size} bytes): truncated?")
+        limit = (info.compress_size if info.compress_type == zipfile.ZIP_STORED
+                 else info.compress_size * _DEFLATE_MAX_RATIO + 1024)
+        if info.file_size > limit:
+            raise _Bad(f"member {name!r} claims to expand to {info.file_size} bytes from "
+                       f"{info.compress_size}")
+        members[name] = info
+    if "architecture.npy" not in members:
+        raise _Bad("it has no architecture record")
+    return members
+
+
+def _npy_header(f, what):
+    """(shape, fortran_order, dtype, header length) from an open .npy member."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f, max_header_size=
+                                                                    _NPY_HEADER_MAX)
+    elif version in ((2, 0), (3, 0)):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=
+                                                                    _NPY_HEADER_MAX)
+    else:
+        raise _Bad(f"{what}: unsupported .npy version {version}")
+    if dtype.hasobject:
+        raise _Bad(f"{what} holds Python objects; model files hold numbers only")
+    return shape, fortran, dtype, f.tell()
+
+
+def _check_header(z, info, what, shape, dtype):
+    with z.open(info) as f:
+        got_shape, _, got_dtype, header = _npy_header(f, what)
+    if got_shape != shape or got_dtype != dtype:
+        got = f"{got_dtype}{got_shape}"
+        raise _Bad(f"{what} is {got}, the architecture says {dtype}{shape}")
+    need = header + int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if info.file_size != need:
+        raise _Bad(f"{what}: the member holds {info.file_size} bytes, its header needs {need}")
+
+
+def _read_architecture(z, members):
+    info = members["architecture.npy"]
+    if info.file_size > MAX_ARCHITECTURE_BYTES:
+        raise _Bad(f"its architecture record is {info.file_size} bytes (at most "
+                   f"{MAX_ARCHITECTURE_BYTES})")
+    with z.open(info) as f:
+        shape, _, dtype, _ = _npy_header(f, "the architecture record")
+        if dtype != np.uint8 or len(shape) != 1:
+            raise _Bad(f"its architecture record is {dtype}{shape}, not bytes")
+        raw = f.read(MAX_ARCHITECTURE_BYTES + 1)
+    if len(raw) != shape[0]:
+        raise _Bad(f"its architecture record holds {len(raw)} bytes, its header says {shape[0]}")
+    try:
+        arch = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _Bad(f"its architecture record is not JSON: {e}") from None
+    if not isinstance(arch, dict):
+        raise _Bad(f"its architecture record is a JSON {type(arch).__name__}, not an object")
+    if arch.get("format") != FORMAT or arch.get("version") != VERSION:
+        raise _Bad(f"unknown format {arch.get('format')!r} version {arch.get('version')!r} "
+                   f"(this fastcnn reads {FORMAT!r} version {VERSION})")
+    return arch
+
+
+def _plan(cls, arch):
+    """The empty network (input shape checked) and each layer's {key: (shape, dtype)}, from the
+    architecture alone: nothing the file claims is allocated here."""
+    shape = arch.get("input_shape")
+    if (not isinstance(shape, list) or len(shape) != 3
+            or not all(type(s) is int and s >= 1 for s in shape)):
+        raise _Bad(f"input_shape must be 3 positive ints (C, H, W), got {shape!r}")
+    if shape[0] * shape[1] * shape[2] > MAX_INPUT_VALUES:
+        raise _Bad(f"input_shape {shape} holds more than {MAX_INPUT_VALUES} values")
+    layers = arch.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise _Bad(f"it has no layers (layers: {str(layers)[:40]})")
+    specs = []
+    for i, spec in enumerate(layers):
+        if not isinstance(spec, dict):
+            raise _Bad(f"layer {i} is a JSON {type(spec).__name__}, not an object")
+        layer_type = LAYER_TYPES.get(spec.get("type")) if isinstance(spec.get("type"),
+                                                                      str) else None
+        if layer_type is None:
+            raise _Bad(f"layer {i} has unknown type {str(spec.get('type'))[:40]!r}")
+        config = spec.get("config", {})
+        if not isinstance(config, dict):
+            raise _Bad(f"layer {i} ({spec['type']}) has a config that is not an object")
+        try:
+            specs.append({k: (tuple(s), np.dtype(d))
+                          for k, (s, d) in layer_type.param_specs(**config).items()})
+        except (TypeError, ValueError) as e:
+            raise _Bad(f"layer {i} ({spec['type']}) has a bad config: {e}") from None
+    return cls(input_shape=tuple(shape)), specs
