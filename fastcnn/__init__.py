@@ -1,15 +1,39 @@
 """fastcnn: a convolutional neural network library from scratch, on interchangeable kernel
-backends (Python loops, vectorized NumPy, Numba)."""
+backends (Python loops, vectorized NumPy, Numba).
 
-from .backend import available_backends, get_backend, set_backend, use_backend
-from .layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU, SoftmaxCrossEntropy
-from .network import SGD, ConvNet
-from .threads import get_num_threads, set_num_threads
+The names below are imported on first use (PEP 562), so ``import fastcnn`` and the ``fastcnn``
+command start without loading NumPy first; ``fastcnn.models``, ``fastcnn.datasets`` and the other
+submodules are reachable as attributes too.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "SGD", "Conv2D", "ConvNet", "Dense", "Flatten", "MaxPool2D", "ReLU", "SoftmaxCrossEntropy",
-    "available_backends", "get_backend", "get_num_threads", "set_backend", "set_num_threads",
-    "use_backend", "__version__",
-]
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "available_backends": "backend", "get_backend": "backend", "set_backend": "backend",
+    "use_backend": "backend",
+    "Conv2D": "layers", "Dense": "layers", "Flatten": "layers", "MaxPool2D": "layers",
+    "ReLU": "layers", "SoftmaxCrossEntropy": "layers",
+    "SGD": "network", "ConvNet": "network", "TrainingDiverged": "network",
+    "get_num_threads": "threads", "set_num_threads": "threads",
+}
+_SUBMODULES = ("atomic", "backend", "benchmark", "datasets", "idx", "jit_cost", "layers",
+               "memory", "models", "network", "serialize", "threads")
+
+__all__ = [*sorted(_EXPORTS), "__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'fastcnn' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *_EXPORTS, *_SUBMODULES})

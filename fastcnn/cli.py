@@ -1,36 +1,80 @@
-"""The ``fastcnn`` command: train, evaluate, info."""
+"""The ``fastcnn`` command: train, evaluate, bench, info.
+
+Only the standard library is imported at the top: NumPy, Numba and the rest load inside
+``main``'s error handling, so a Ctrl-C or a failure at any point ends in one ``fastcnn:`` line
+(``FASTCNN_DEBUG=1`` shows the traceback as well).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
 import time
 
-import numpy as np
+from . import __version__
 
-from . import __version__, backend, datasets, memory, models, threads
-from .network import ConvNet
+# What the parser offers (kept here so that building it imports nothing heavy); a test checks
+# that these agree with the modules that define them.
+BACKENDS = ("naive", "numpy", "numba")
+DATASETS = ("mnist-sample", "mnist", "fashion-mnist")
+MODELS = ("simple", "complex")
+DEBUG_VAR = "FASTCNN_DEBUG"
 
 
 def _positive_int(text):
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
+def _seed(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def _add_compute_args(p):
-    p.add_argument("--backend", choices=tuple(backend.BACKENDS),
-                   help="kernel backend (default: $FASTCNN_BACKEND or "
-                        f"{backend.DEFAULT_BACKEND})")
+    p.add_argument("--backend", choices=BACKENDS,
+                   help="kernel backend (default: $FASTCNN_BACKEND or numba)")
     p.add_argument("--threads", type=_positive_int,
                    help="threads for the kernels (Numba and BLAS; default: all cores)")
 
 
 def _apply_compute_args(args):
+    from . import backend, threads
+
     if args.backend:
         backend.set_backend(args.backend)
     if args.threads:
@@ -43,7 +87,7 @@ def _apply_compute_args(args):
 
 
 def _add_data_args(p):
-    p.add_argument("--dataset", default="mnist-sample", choices=datasets.NAMES,
+    p.add_argument("--dataset", default="mnist-sample", choices=DATASETS,
                    help="dataset (default: %(default)s, shipped with fastcnn, no network needed)")
     p.add_argument("--data-dir", help="folder holding <dataset>/ (default: $FASTCNN_DATA or "
                                       "~/.cache/fastcnn)")
@@ -59,16 +103,16 @@ def _parser():
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model and report its test accuracy")
-    train.add_argument("--model", default="simple", choices=models.MODELS)
+    train.add_argument("--model", default="simple", choices=MODELS)
     _add_data_args(train)
     train.set_defaults(batch_size=10)
     train.add_argument("--epochs", type=_positive_int, default=5)
-    train.add_argument("--lr", type=float, default=0.05, help="SGD learning rate")
-    train.add_argument("--seed", type=int, default=0, help="seed for weights and shuffling")
+    train.add_argument("--lr", type=_positive_float, default=0.05, help="SGD learning rate")
+    train.add_argument("--seed", type=_seed, default=0, help="seed for weights and shuffling")
     train.add_argument("--limit", type=_positive_int, help="train on the first N training images")
     train.add_argument("--test-limit", type=_positive_int,
                        help="test on the first N test images (default: all; 200 on naive)")
-    train.add_argument("--val-fraction", type=float, default=0.1,
+    train.add_argument("--val-fraction", type=_fraction, default=0.1,
                        help="fraction of the training images held out for validation "
                             "(default: %(default)s)")
     train.add_argument("--dtype", default="float32", choices=("float32", "float64"))
@@ -85,16 +129,16 @@ def _parser():
         description="Train each backend (and PyTorch CPU, when installed) on the same model, "
                     "batch, threads and data, interleaved in one run; report images/s, epoch "
                     "time, peak memory, Numba's compile time and the ratios against PyTorch.")
-    bench.add_argument("--model", nargs="+", default=["simple"], choices=models.MODELS)
+    bench.add_argument("--model", nargs="+", default=["simple"], choices=MODELS)
     bench.add_argument("--batch-size", nargs="+", type=_positive_int, default=[10])
     bench.add_argument("--backend", nargs="+", default=["numpy", "numba"],
-                       choices=tuple(backend.BACKENDS),
+                       choices=BACKENDS,
                        help="backends to measure (default: numpy numba; naive is opt-in: it "
                             "runs one batch, which takes minutes on the complex model)")
     bench.add_argument("--threads", type=_positive_int,
                        help="threads for every engine, PyTorch included (default: all cores)")
     bench.add_argument("--rounds", type=_positive_int, default=3)
-    bench.add_argument("--seconds", type=float, default=2.0,
+    bench.add_argument("--seconds", type=_positive_float, default=2.0,
                        help="about how long each engine trains (and infers) per round")
     bench.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
     bench.add_argument("--no-compile-time", action="store_true",
@@ -112,8 +156,6 @@ def _parser():
 def _split(x, y, limit, val_fraction):
     if limit is not None:
         x, y = x[:limit], y[:limit]
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     n_val = int(round(len(x) * val_fraction))
     if n_val == 0:
         return (x, y), None
@@ -121,9 +163,16 @@ def _split(x, y, limit, val_fraction):
 
 
 def cmd_train(args):
+    from . import backend, datasets, models, serialize
+
+    if args.save:  # now, not after the training
+        serialize.check_destination(args.save)
     _apply_compute_args(args)
     (x, y), (x_test, y_test) = datasets.load(args.dataset, args.data_dir, raw=True)
     (x_train, y_train), val = _split(x, y, args.limit, args.val_fraction)
+    if len(x_train) == 0:
+        raise ValueError(f"no training images left: --limit {args.limit} with --val-fraction "
+                         f"{args.val_fraction} holds them all out")
     test_limit = args.test_limit or (200 if backend.get_backend() == "naive" else None)
     x_test, y_test = x_test[:test_limit], y_test[:test_limit]
     net = models.build(args.model, dtype=args.dtype, seed=args.seed)
@@ -145,6 +194,9 @@ def cmd_train(args):
 
 
 def cmd_evaluate(args):
+    from . import backend, datasets
+    from .network import ConvNet
+
     _apply_compute_args(args)
     net = ConvNet.load(args.path)
     _, (x_test, y_test) = datasets.load(args.dataset, args.data_dir, raw=True)
@@ -156,12 +208,19 @@ def cmd_evaluate(args):
 
 
 def cmd_bench(args):
-    from . import benchmark
+    from . import atomic, benchmark, threads
 
     if args.threads and args.threads > threads.max_threads():
         raise ValueError(f"--threads must be at most {threads.max_threads()}")
-    if args.seconds <= 0:
-        raise ValueError(f"--seconds must be positive, got {args.seconds}")
+    for path in (args.json, args.plot):  # before the benchmark, not after it
+        if path:
+            atomic.check_destination(path, "results")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ImportError("--plot needs matplotlib: pip install 'fastcnn[plot]' (or leave "
+                              "out --plot)") from None
     progress = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     results = benchmark.run(args.model, args.batch_size, args.backend, args.threads,
                             args.rounds, args.seconds, use_torch=not args.no_torch,
@@ -196,6 +255,9 @@ def _cpu_model():
 
 def cmd_info(args):
     import numba
+    import numpy as np
+
+    from . import backend, threads
 
     if args.threads:
         threads.set_num_threads(args.threads)
@@ -217,16 +279,30 @@ def cmd_info(args):
     return 0
 
 
+# Failures whose message is meant for the user as it is; anything else is a bug or a resource
+# problem, reported with its type (and the traceback with FASTCNN_DEBUG=1).
+_EXPECTED = (ValueError, TypeError, OSError, FloatingPointError, ImportError)
+
+
 def main(argv=None):
-    args = _parser().parse_args(argv)
-    memory.retain_freed_memory()
+    debug = os.environ.get(DEBUG_VAR, "") not in ("", "0")
     try:
+        args = _parser().parse_args(argv)
+        from . import memory
+
+        memory.retain_freed_memory()
         return args.func(args)
     except KeyboardInterrupt:
         print("fastcnn: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, FloatingPointError, ImportError, RuntimeError) as e:
-        print(f"fastcnn: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - every failure ends in one line, as promised
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        text = str(e) if isinstance(e, _EXPECTED) and str(e) else f"{type(e).__name__}: {e}"
+        hint = "" if debug or isinstance(e, _EXPECTED) else f" (set {DEBUG_VAR}=1 for details)"
+        print(f"fastcnn: error: {text}{hint}", file=sys.stderr)
         return 1
 
 
