@@ -50,7 +50,7 @@ def test_worker_death_is_a_clear_error():
 def test_bench_rejects_bad_options():
     run = subprocess.run([sys.executable, "-m", "fastcnn.cli", "bench", "--seconds", "0"],
                          capture_output=True, text=True, timeout=120)
-    assert run.returncode == 1 and "--seconds must be positive" in run.stderr
+    assert run.returncode == 2 and "argument --seconds: must be a positive" in run.stderr
 
 
 @pytest.mark.parametrize("model", ["simple", "complex"])
