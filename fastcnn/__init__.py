@@ -20,7 +20,7 @@ _EXPORTS = {
     "get_num_threads": "threads", "set_num_threads": "threads",
 }
 _SUBMODULES = ("atomic", "backend", "benchmark", "datasets", "idx", "jit_cost", "layers",
-               "memory", "models", "network", "serialize", "threads")
+               "memory", "models", "network", "serialize", "spawn", "threads")
 
 __all__ = [*sorted(_EXPORTS), "__version__"]
 

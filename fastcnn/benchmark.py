@@ -15,10 +15,9 @@ import math
 import os
 import statistics
 import subprocess
-import sys
 from dataclasses import asdict, dataclass, field
 
-from . import jit_cost
+from . import jit_cost, spawn
 from .bench_worker import TORCH
 
 EPOCH_IMAGES = 60_000  # one epoch of MNIST / Fashion-MNIST
@@ -32,20 +31,21 @@ class Worker:
     """A bench_worker process, spoken to line by line."""
 
     def __init__(self, engine, model, batch_size, threads):
-        cmd = [sys.executable, "-m", "fastcnn.bench_worker", engine, model, str(batch_size)]
+        cmd = spawn.python_module("fastcnn.bench_worker", engine, model, str(batch_size))
         if threads:
             cmd += ["--threads", str(threads)]
         if engine == "naive":
             cmd.append("--no-warmup")  # nothing to compile, and one batch takes minutes
         self.engine = engine
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True, env=spawn.environment())
         self.ready = self._read()
 
     def _read(self):
         line = self.proc.stdout.readline()
         if not line:
             err = self.proc.stderr.read().strip().splitlines()
+            self.end()
             raise RuntimeError(f"the {self.engine} benchmark worker died: "
                                f"{err[-1] if err else 'no output'}")
         return json.loads(line)
@@ -65,7 +65,16 @@ class Worker:
         self.proc.stdin.write("quit\n")
         self.proc.stdin.flush()
         self.proc.wait(timeout=60)
+        self.end()
         return stats
+
+    def end(self):
+        """Kill the process if it still runs, reap it and close its pipes."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            pipe.close()
 
 
 @dataclass
@@ -125,9 +134,7 @@ def run_config(model, batch_size, engines, threads, rounds, seconds, progress=pr
         stats = {w.engine: w.close() for w in workers}
     finally:
         for w in workers:
-            if w.proc.poll() is None:
-                w.proc.kill()
-                w.proc.wait()
+            w.end()
     result = ConfigResult(model, batch_size, threads or os.cpu_count())
     for w in workers:
         e = w.engine

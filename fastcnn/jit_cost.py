@@ -8,10 +8,10 @@ temporary NUMBA_CACHE_DIR, so a cold start is really cold and the user's cache i
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import tempfile
+
+from . import spawn
 
 _PROBE = r"""
 import json, sys, time
@@ -39,10 +39,10 @@ print(json.dumps({"import_s": imported - t0, "first_batch_s": first - start,
 
 def start_once(model="simple", batch_size=10, backend="numba", cache_dir=None):
     """Run one training start in a new process; returns its timings in seconds."""
-    env = dict(os.environ)
+    env = spawn.environment()
     if cache_dir is not None:
         env["NUMBA_CACHE_DIR"] = str(cache_dir)
-    run = subprocess.run([sys.executable, "-c", _PROBE, model, str(batch_size), backend],
+    run = subprocess.run(spawn.python_code(_PROBE, model, str(batch_size), backend),
                          capture_output=True, text=True, env=env, timeout=900)
     if run.returncode != 0:
         raise RuntimeError(f"the start-up probe failed: {run.stderr.strip()[-2000:]}")

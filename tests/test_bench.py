@@ -95,3 +95,33 @@ def test_bench_with_torch_reports_ratios():
     numba = engines["numba"]
     assert numba.train_vs_torch > 0 and numba.infer_vs_torch > 0
     assert engines[TORCH].train_vs_torch is None
+
+
+def test_workers_import_the_parents_fastcnn_wherever_the_user_stands(tmp_path):
+    """A folder holding another 'fastcnn' (a clone, say) must not reach the workers, which
+    `python -m` / `python -c` would otherwise import first from the current folder."""
+    impostor = tmp_path / "fastcnn"
+    impostor.mkdir()
+    (impostor / "__init__.py").write_text("raise ImportError('the impostor was imported')\n")
+    run = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.path.remove('') if '' in sys.path else None\n"
+         "from fastcnn.cli import main; sys.exit(main())", "bench", "--backend", "numpy",
+         "--rounds", "1", "--seconds", "0.05", "--no-torch", "--no-compile-time"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "numpy" in run.stdout and "impostor" not in run.stderr
+
+
+def test_a_worker_that_finds_another_fastcnn_refuses_to_run(tmp_path):
+    from fastcnn import spawn
+
+    impostor = tmp_path / "fastcnn"
+    impostor.mkdir()
+    (impostor / "__init__.py").write_text("")
+    env = spawn.environment()
+    env["_FASTCNN_PARENT_SYS_PATH"] = json.dumps([str(tmp_path)] + json.loads(
+        env["_FASTCNN_PARENT_SYS_PATH"]))
+    run = subprocess.run(spawn.python_code("print('ran')"), env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode != 0 and "ran" not in run.stdout
+    assert "not the parent's" in run.stderr
