@@ -4,22 +4,27 @@
 in [0, 1] (or the raw uint8 with ``raw=True``), labels int64.
 
 Full datasets are looked for in ``$FASTCNN_DATA/<name>/`` (default ``~/.cache/fastcnn/<name>/``),
-then in known system copies, then downloaded from the standard mirrors into the first folder.
-Every downloaded file is checked against its published MD5 before it is renamed into place.
+then in known system copies, then downloaded from the standard mirrors (HTTPS ones first) into
+the first folder. A download is capped at the file's published size, every read has a timeout
+and the whole file a deadline, and it is checked against its published MD5 before it is renamed
+into place: a failed download leaves no partial file and no empty folder behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
+import shutil
 import sys
-import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 
+from . import atomic
 from .idx import read_idx
 
 ROLES = ("train_images", "train_labels", "test_images", "test_labels")
@@ -33,17 +38,24 @@ class DatasetUnavailable(OSError):
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
     name: str
-    files: dict  # role -> (file name, MD5 of the file as the mirrors serve it)
-    mirrors: tuple = ()  # base URLs, tried in order
+    # role -> (file name, MD5 and size in bytes of the file as the mirrors serve it)
+    files: dict
+    mirrors: tuple = ()  # base URLs, tried in order (HTTPS ones first, see fetch)
     system_dirs: tuple = ()  # folders where a distribution may have installed the files
+    system_package: str = ""  # the Debian package that installs them there
 
 
 _MNIST_FILES = {
-    "train_images": ("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
-    "train_labels": ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
-    "test_images": ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
-    "test_labels": ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
+    "train_images": ("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873", 9912422),
+    "train_labels": ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432", 28881),
+    "test_images": ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3", 1648877),
+    "test_labels": ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c", 4542),
 }
+# Every read waits at most READ_TIMEOUT seconds; a whole file gets DEADLINE_BASE seconds plus
+# its size at MIN_RATE bytes per second (a mirror that trickles a byte at a time is given up).
+READ_TIMEOUT = 30.0
+DEADLINE_BASE = 60.0
+MIN_RATE = 32 * 1024
 
 DATASETS = {
     "mnist": DatasetSpec(
@@ -58,16 +70,21 @@ DATASETS = {
     "fashion-mnist": DatasetSpec(
         "fashion-mnist",
         {
-            "train_images": ("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
-            "train_labels": ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
-            "test_images": ("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
-            "test_labels": ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"),
+            "train_images": ("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                             26421880),
+            "train_labels": ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe",
+                             29515),
+            "test_images": ("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79",
+                            4422102),
+            "test_labels": ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310",
+                            5148),
         },
         mirrors=(
-            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
             "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
         ),
         system_dirs=("/usr/share/datasets/fashion-mnist",),
+        system_package="dataset-fashion-mnist",
     ),
 }
 NAMES = ("mnist-sample", *DATASETS)
@@ -86,11 +103,12 @@ def load(name, data_dir=None, download=True, raw=False):
     """
     if name == "mnist-sample":
         folder = SAMPLE_DIR
-        files = {role: fname for role, (fname, _) in _MNIST_FILES.items()}
+        files = {role: fname for role, (fname, *_) in _MNIST_FILES.items()}
     elif name in DATASETS:
         spec = DATASETS[name]
         folder = locate(spec, data_dir, download)
-        files = {role: _existing(folder, fname).name for role, (fname, _) in spec.files.items()}
+        files = {role: _existing(folder, fname).name
+                 for role, (fname, *_) in spec.files.items()}
     else:
         raise ValueError(f"Unknown dataset {name!r}. Expected one of {NAMES}.")
     train = _read_split(folder / files["train_images"], folder / files["train_labels"], raw)
@@ -107,7 +125,7 @@ def _existing(folder, fname):
 
 
 def _complete(folder, spec):
-    return all(_existing(Path(folder), f) for f, _ in spec.files.values())
+    return all(_existing(Path(folder), f) for f, *_ in spec.files.values())
 
 
 def locate(spec, data_dir=None, download=True) -> Path:
@@ -123,49 +141,79 @@ def locate(spec, data_dir=None, download=True) -> Path:
 
 
 def fetch(spec, dest, progress=None) -> None:
-    """Download every file of ``spec`` missing from ``dest``, trying each mirror in turn.
+    """Download every file of ``spec`` missing from ``dest``, trying each mirror in turn, HTTPS
+    mirrors first.
 
-    A file is written to a temporary name, its MD5 checked, and only then renamed into place:
-    a failed or corrupted download leaves nothing behind.
+    A file is written to a temporary name, capped at its published size, its MD5 checked, and
+    only then renamed into place: a failed or corrupted download leaves nothing behind, and the
+    folders this call created are removed again if they are empty. Temporary files left by a
+    download that was killed are removed by the next one.
     """
     dest = Path(dest)
+    created = _missing_folders(dest)
     dest.mkdir(parents=True, exist_ok=True)
     progress = sys.stderr.isatty() if progress is None else progress
-    for fname, md5 in spec.files.values():
-        if _existing(dest, fname):
-            continue
-        errors = []
-        for base in spec.mirrors:
-            url = base.rstrip("/") + "/" + fname
-            try:
-                _download(url, dest / fname, md5, progress)
-                break
-            except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors
-                errors.append(f"{url}: {e}")
-        else:
-            tried = "; ".join(errors) or "no mirrors are known"
-            raise DatasetUnavailable(_missing_message(spec, dest, f"download failed ({tried})"))
-
-
-def _download(url, path, md5, progress, timeout=30):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    mirrors = sorted(spec.mirrors, key=lambda url: not url.startswith("https://"))
     try:
+        for fname, md5, size in spec.files.values():
+            if _existing(dest, fname):
+                continue
+            errors = []
+            for base in mirrors:
+                url = base.rstrip("/") + "/" + fname
+                try:
+                    _download(url, dest / fname, md5, size, progress)
+                    break
+                except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors
+                    errors.append(f"{url}: {e}")
+            else:
+                tried = "; ".join(errors) or "no mirrors are known"
+                raise DatasetUnavailable(_missing_message(spec, dest, f"download failed ({tried})"))
+    except BaseException:
+        for folder in created:  # deepest first; only the empty ones we made
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _missing_folders(folder):
+    """The folders from ``folder`` up that do not exist yet, deepest first."""
+    missing = []
+    folder = folder.absolute()
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _download(url, path, md5, size, progress):
+    deadline = time.monotonic() + DEADLINE_BASE + size / MIN_RATE
+    with atomic.temporary_beside(path, suffix=".part") as (out, tmp):
         digest = hashlib.md5()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            bar = _bar(total, path.name, progress)
-            while chunk := resp.read(1 << 16):
-                out.write(chunk)
-                digest.update(chunk)
-                bar.update(len(chunk))
-            bar.close()
-            out.flush()
-            os.fsync(out.fileno())
+        got = 0
+        with urllib.request.urlopen(url, timeout=READ_TIMEOUT) as resp:
+            announced = resp.headers.get("Content-Length")
+            if announced is not None and announced.isdigit() and int(announced) != size:
+                raise ValueError(f"the mirror announces {announced} bytes, the file has {size}")
+            bar = _bar(size, path.name, progress)
+            try:
+                while chunk := resp.read1(1 << 16):
+                    got += len(chunk)
+                    if got > size:
+                        raise ValueError(f"the mirror sent more than the file's {size} bytes")
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"gave up after {DEADLINE_BASE + size / MIN_RATE:.0f}"
+                                           f" s with {got} of {size} bytes")
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+            finally:
+                bar.close()
+        if got != size:
+            raise ValueError(f"the download ended after {got} of {size} bytes")
         if digest.hexdigest() != md5:
             raise ValueError(f"checksum mismatch: MD5 {digest.hexdigest()}, expected {md5}")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        atomic.commit(out, tmp, path)
 
 
 def _bar(total, name, enabled):
@@ -176,9 +224,13 @@ def _bar(total, name, enabled):
 
 
 def _missing_message(spec, folder, why):
-    names = ", ".join(f for f, _ in spec.files.values())
-    return (f"could not get the {spec.name} dataset: {why}. Put {names} (gzip or uncompressed) "
+    names = ", ".join(f for f, *_ in spec.files.values())
+    text = (f"could not get the {spec.name} dataset: {why}. Put {names} (gzip or uncompressed) "
             f"in {folder}/, or set FASTCNN_DATA to a folder that holds {spec.name}/.")
+    if spec.system_package and spec.system_dirs and shutil.which("apt-get"):
+        text += (f" On this system `apt-get install {spec.system_package}` installs it in "
+                 f"{spec.system_dirs[0]}/, where fastcnn finds it.")
+    return text
 
 
 def _read_split(images_path, labels_path, raw):

@@ -1,9 +1,13 @@
 import contextlib
+import dataclasses
 import functools
 import gzip
 import hashlib
 import http.server
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -113,8 +117,9 @@ def serve(folder):
 def spec_for(folder, mirrors, corrupt=None):
     files = {}
     for role, fname in zip(datasets.ROLES, FILES, strict=True):
-        md5 = hashlib.md5((folder / fname).read_bytes()).hexdigest()
-        files[role] = (fname, "0" * 32 if fname == corrupt else md5)
+        data = (folder / fname).read_bytes()
+        md5 = hashlib.md5(data).hexdigest()
+        files[role] = (fname, "0" * 32 if fname == corrupt else md5, len(data))
     return datasets.DatasetSpec("mnist", files, mirrors=tuple(mirrors))
 
 
@@ -138,7 +143,7 @@ def test_checksum_mismatch_is_rejected_and_leaves_nothing(tmp_path, rng):
         spec = spec_for(tmp_path / "www", [url], corrupt=FILES[0])
         with pytest.raises(datasets.DatasetUnavailable, match="checksum mismatch.*" + str(dest)):
             datasets.fetch(spec, dest, progress=False)
-    assert list(dest.iterdir()) == []
+    assert not dest.exists()  # no partial file, and no empty folder made for nothing
 
 
 def test_every_mirror_dead_names_each_url_and_the_folder(tmp_path, rng):
@@ -150,4 +155,113 @@ def test_every_mirror_dead_names_each_url_and_the_folder(tmp_path, rng):
     message = str(err.value)
     assert f"{url}/a/train-images" in message and f"{url}/b/train-images" in message
     assert "404" in message and str(tmp_path / "cache") in message
-    assert list((tmp_path / "cache").iterdir()) == []
+    assert not (tmp_path / "cache").exists()
+
+
+# -- hostile mirrors: bounded in bytes and time, and they stop by themselves -------------------
+
+
+class _Hostile(http.server.BaseHTTPRequestHandler):
+    mode = "forever"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.send_response(200)
+        if self.mode == "wrong length":
+            self.send_header("Content-Length", "999999999")
+        self.end_headers()
+        started = time.monotonic()
+        try:
+            if self.mode == "forever":  # at most 64 MiB or 20 s, whichever comes first
+                for _ in range(1024):
+                    if time.monotonic() - started > 20:
+                        break
+                    self.wfile.write(b"\0" * 65536)
+            elif self.mode == "trickle":  # a byte every 0.1 s, for at most 20 s
+                while time.monotonic() - started < 20:
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+@contextlib.contextmanager
+def serve_hostile(mode):
+    handler = type("Handler", (_Hostile,), {"mode": mode})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def small_spec(url, size=5000):
+    files = {role: (fname, "0" * 32, size) for role, fname in zip(datasets.ROLES, FILES,
+                                                                   strict=True)}
+    return datasets.DatasetSpec("mnist", files, mirrors=(url,))
+
+
+@pytest.mark.parametrize("mode, message", [("forever", "sent more than the file's 5000 bytes"),
+                                           ("wrong length", "announces 999999999 bytes"),
+                                           ("trickle", "gave up after 1 s")])
+def test_hostile_mirrors_are_given_up_and_leave_nothing(tmp_path, monkeypatch, mode, message):
+    monkeypatch.setattr(datasets, "DEADLINE_BASE", 1.0)
+    monkeypatch.setattr(datasets, "MIN_RATE", 1e12)
+    dest = tmp_path / "cache" / "deeper" / "mnist"
+    started = time.monotonic()
+    with serve_hostile(mode) as url:
+        with pytest.raises(datasets.DatasetUnavailable, match=message):
+            datasets.fetch(small_spec(url), dest, progress=False)
+    assert time.monotonic() - started < 15
+    assert list(tmp_path.iterdir()) == []  # no .part file, no empty folders
+
+
+def test_a_killed_downloads_part_file_is_removed_by_the_next(tmp_path, rng):
+    write_fake_dataset(tmp_path / "www", rng)
+    dest = tmp_path / "cache"
+    dest.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    stale = dest / f".{FILES[0]}.{dead}.abcd1234.part"
+    stale.write_bytes(b"half a download")
+    with serve(tmp_path / "www") as url:
+        datasets.fetch(spec_for(tmp_path / "www", [url]), dest, progress=False)
+    assert sorted(p.name for p in dest.iterdir()) == sorted(FILES)
+
+
+def test_https_mirrors_are_tried_first(tmp_path, monkeypatch):
+    tried = []
+
+    def record(url, *args):
+        tried.append(url.rsplit("/", 1)[0])
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(datasets, "_download", record)
+    spec = datasets.DatasetSpec("x", {"train_images": ("f.gz", "0" * 32, 1)},
+                                mirrors=("http://a.example/", "https://b.example/",
+                                         "http://c.example/", "https://d.example/"))
+    with pytest.raises(datasets.DatasetUnavailable):
+        datasets.fetch(spec, tmp_path / "x", progress=False)
+    assert tried == ["https://b.example", "https://d.example", "http://a.example",
+                     "http://c.example"]
+    assert all(spec.mirrors[0].startswith("https://") for spec in datasets.DATASETS.values())
+
+
+@pytest.mark.parametrize("has_apt", [True, False])
+def test_missing_fashion_mnist_says_how_to_install_it_where_apt_exists(tmp_path, monkeypatch,
+                                                                       has_apt):
+    spec = dataclasses.replace(datasets.DATASETS["fashion-mnist"],
+                               system_dirs=(str(tmp_path / "nowhere"),))
+    monkeypatch.setitem(datasets.DATASETS, "fashion-mnist", spec)
+    monkeypatch.setattr(datasets.shutil, "which",
+                        lambda name: "/usr/bin/apt-get" if has_apt else None)
+    with pytest.raises(datasets.DatasetUnavailable) as err:
+        datasets.load("fashion-mnist", data_dir=tmp_path, download=False)
+    assert ("apt-get install dataset-fashion-mnist" in str(err.value)) == has_apt
