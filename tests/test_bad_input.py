@@ -183,3 +183,13 @@ def test_every_epoch_sees_a_new_order_from_the_seed(rng):
     np.testing.assert_array_equal(a, orders(seed=1))  # the seed fixes the orders
     assert not np.array_equal(a, orders(seed=2))
     np.testing.assert_array_equal(orders(seed=1, shuffle=False), np.tile(np.arange(n), (3, 1)))
+
+
+def test_nonfinite_images_are_found_past_the_first_chunk():
+    """The check reads images in chunks of 4096: a NaN only a large input reaches is found."""
+    x = np.zeros((9000, 1, 2, 2), np.float32)
+    x[5000, 0, 1, 1] = np.nan
+    x[8999, 0, 0, 0] = -np.inf
+    net = ConvNet([Flatten(), Dense(4, 3, dtype=np.float32, rng=0)], input_shape=(1, 2, 2))
+    with pytest.raises(ValueError, match=r"2 of 9000 images .*at index 5000, 8999\)"):
+        net.predict(x)

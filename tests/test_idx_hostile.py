@@ -107,3 +107,13 @@ def test_fuzzed_idx_headers(tmp_path, code, dims, payload, gz):
     data = bytes([0, 0, code, len(dims) % 256]) + struct.pack(f">{len(dims)}I", *dims)
     data += b"\x01" * payload
     check_read(tmp_path, gzip.compress(data) if gz else data, "head.idx")
+
+
+@pytest.mark.parametrize("name", ["big.idx", "big.idx.gz"])
+def test_payloads_longer_than_one_read_chunk_round_trip(tmp_path, rng, name):
+    """read_idx streams in 1 MiB chunks: a payload of several chunks, not a whole number of
+    them, in a multi-byte type (swapped after the last chunk)."""
+    a = rng.integers(-2 ** 31, 2 ** 31, (3, 700, 317), dtype=np.int64).astype(np.int32)
+    assert a.nbytes > 2.5 * (1 << 20)
+    write_idx(tmp_path / name, a)
+    np.testing.assert_array_equal(read_idx(tmp_path / name), a)
