@@ -86,7 +86,7 @@ def check_read(tmp_path, data, name):
     assert isinstance(a, np.ndarray) and a.ndim >= 1
 
 
-@settings(max_examples=500, deadline=None,
+@settings(max_examples=1500, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(edits=st.lists(st.tuples(st.integers(0, 75), st.integers(0, 255)), max_size=6),
        cut=st.integers(0, 80), extra=st.binary(max_size=8), gz=st.booleans())
@@ -98,7 +98,7 @@ def test_fuzzed_idx_files(tmp_path, edits, cut, extra, gz):
     check_read(tmp_path, gzip.compress(data) if gz else data, "fuzz.idx")
 
 
-@settings(max_examples=300, deadline=None,
+@settings(max_examples=1000, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(code=st.sampled_from([0x08, 0x09, 0x0B, 0x0C, 0x0D, 0x0E, 0x00, 0x0A]),
        dims=st.lists(st.integers(0, 2 ** 32 - 1), min_size=0, max_size=70),

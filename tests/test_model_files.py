@@ -261,7 +261,7 @@ def load_or_one_valueerror(path):
         assert f"{path.name} is not a valid fastcnn model file" in str(e)
 
 
-@settings(max_examples=300, deadline=None,
+@settings(max_examples=600, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(edits=st.lists(st.tuples(st.integers(0, len(SMALL_MODEL) - 1), st.integers(0, 255)),
                       min_size=1, max_size=8),
@@ -281,7 +281,7 @@ SMALL_ARCH, SMALL_MEMBERS = good_members(ConvNet(
 SMALL_JSON = json.dumps(SMALL_ARCH).encode()
 
 
-@settings(max_examples=300, deadline=None,
+@settings(max_examples=600, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(member=st.sampled_from(["architecture", *sorted(SMALL_MEMBERS)]),
        edits=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), min_size=1,
@@ -314,7 +314,7 @@ layer_specs = st.fixed_dictionaries({
                               json_values, max_size=6)})
 
 
-@settings(max_examples=300, deadline=None,
+@settings(max_examples=600, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shape=st.lists(st.integers(-1, 40) | json_values, max_size=4) | json_values,
        layers=st.lists(layer_specs, max_size=5) | json_values, version=st.sampled_from([1, 2]))
