@@ -101,10 +101,10 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve(folder):
-    """An HTTP server on 127.0.0.1 serving ``folder``, on a free port, stopped afterwards."""
-    handler = functools.partial(_Quiet, directory=str(folder))
+def running(handler):
+    """An HTTP server on 127.0.0.1 with ``handler``, on a free port, stopped afterwards."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -112,6 +112,11 @@ def serve(folder):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def serve(folder):
+    """A server of the files in ``folder``."""
+    return running(functools.partial(_Quiet, directory=str(folder)))
 
 
 def spec_for(folder, mirrors, corrupt=None):
@@ -188,24 +193,14 @@ class _Hostile(http.server.BaseHTTPRequestHandler):
             pass
 
 
-@contextlib.contextmanager
 def serve_hostile(mode):
-    handler = type("Handler", (_Hostile,), {"mode": mode})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
+    return running(type("Handler", (_Hostile,), {"mode": mode}))
 
 
 def small_spec(url, size=5000):
     files = {role: (fname, "0" * 32, size) for role, fname in zip(datasets.ROLES, FILES,
                                                                    strict=True)}
-    return datasets.DatasetSpec("mnist", files, mirrors=(url,))
+    return datasets.DatasetSpec("mnist", files, mirrors=(url + "/",))
 
 
 @pytest.mark.parametrize("mode, message", [("forever", "sent more than the file's 5000 bytes"),
