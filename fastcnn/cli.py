@@ -1,19 +1,15 @@
 """The ``fastcnn`` command: train, evaluate, bench, info.
 
-Only the standard library is imported at the top: NumPy, Numba and the rest load inside
-``main``'s error handling, so a Ctrl-C or a failure at any point ends in one ``fastcnn:`` line
-(``FASTCNN_DEBUG=1`` shows the traceback as well).
+Nothing but ``os`` and ``sys`` (loaded with Python itself) is imported at the top: argparse,
+NumPy, Numba and the rest load inside ``main``'s error handling, so a Ctrl-C or a failure at any
+point after Python's own start ends in one ``fastcnn:`` line (``FASTCNN_DEBUG=1`` shows the
+traceback as well).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import os
-import platform
 import sys
-import time
 
 from . import __version__
 
@@ -28,6 +24,8 @@ DEBUG_VAR = "FASTCNN_DEBUG"
 def _checked(convert, ok, requirement, expected="a whole number"):
     """An argparse type: ``convert`` the text, then insist on ``ok`` (argparse names the flag)."""
     def parse(text):
+        import argparse
+
         try:
             value = convert(text)
         except ValueError:
@@ -40,7 +38,7 @@ def _checked(convert, ok, requirement, expected="a whole number"):
 
 _positive_int = _checked(int, lambda v: v >= 1, ">= 1")
 _seed = _checked(int, lambda v: v >= 0, ">= 0")
-_positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0,
+_positive_float = _checked(float, lambda v: abs(v) != float("inf") and v > 0,
                            "a positive finite number", "a number")
 _fraction = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)", "a number")
 
@@ -76,6 +74,8 @@ def _add_data_args(p):
 
 
 def _parser():
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="fastcnn", description="Train and evaluate small CNNs on interchangeable kernel "
                                     "backends.")
@@ -143,6 +143,8 @@ def _split(x, y, limit, val_fraction):
 
 
 def cmd_train(args):
+    import time
+
     from . import backend, datasets, models, serialize
 
     if args.save:  # now, not after the training
@@ -188,6 +190,9 @@ def cmd_evaluate(args):
 
 
 def cmd_bench(args):
+    import json
+    import time
+
     from . import atomic, benchmark, threads
 
     if args.threads and args.threads > threads.max_threads():
@@ -223,6 +228,8 @@ def cmd_bench(args):
 
 
 def _cpu_model():
+    import platform
+
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -234,6 +241,8 @@ def _cpu_model():
 
 
 def cmd_info(args):
+    import platform
+
     import numba
     import numpy as np
 
