@@ -111,6 +111,17 @@ class ConvNet:
             shapes.append(shape)
         return shapes
 
+    def num_classes(self):
+        """K, the length of the class-score vector the last layer gives per image; a network
+        with no layers, or one whose last layer gives something else, is a ValueError."""
+        if not self.layers:
+            raise ValueError("the network has no layers: add some before training or predicting")
+        last = self.output_shapes()[-1]
+        if len(last) != 1:
+            raise ValueError(f"the network's last layer gives {last} per image, not a vector of "
+                             f"class scores: end it with Flatten() and a Dense layer")
+        return last[0]
+
     @property
     def dtype(self):
         for layer in self.layers:
@@ -207,7 +218,7 @@ class ConvNet:
             raise ValueError(f"{len(x)} images but {len(y)} labels ({what})")
         if len(x) == 0:
             raise ValueError(f"no images ({what})")
-        k = self.output_shapes()[-1][0]
+        k = self.num_classes()
         if y.min() < 0 or y.max() >= k:
             raise ValueError(f"labels must lie in [0, {k}), got {y.min()}..{y.max()} ({what})")
 
@@ -250,7 +261,7 @@ class ConvNet:
         rng = np.random.default_rng(seed)
         keys = ("loss", "accuracy", "val_loss", "val_accuracy", "seconds", "images_per_second")
         history = {k: [] for k in keys}
-        watch = _DivergenceWatch(self.output_shapes()[-1][0], optimizer.lr)
+        watch = _DivergenceWatch(self.num_classes(), optimizer.lr)
         for epoch in range(1, epochs + 1):
             order = rng.permutation(len(x)) if shuffle else None
             bar = _progress(len(x), f"epoch {epoch}/{epochs}", verbose)
@@ -299,7 +310,7 @@ class ConvNet:
         batch_size = _count("batch_size", batch_size)
         self._check_images(x)
         self._check_parameters()
-        k = self.output_shapes()[-1][0]
+        k = self.num_classes()
         out = [np.empty((0, k), self.dtype)]
         for idx, xb in self._batches(x, batch_size):
             logits = self._finite_logits(xb, idx)

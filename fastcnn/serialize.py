@@ -120,9 +120,10 @@ def _load(cls, path):
                     raise _Bad(f"{what} holds {np.count_nonzero(~np.isfinite(stored))} NaN or "
                                f"infinite values")
                 p[...] = stored
-    last = net.output_shapes()[-1]
-    if len(last) != 1:
-        raise _Bad(f"its last layer gives {last} per image, not a vector of class scores")
+    try:
+        net.num_classes()
+    except ValueError as e:
+        raise _Bad(str(e)) from None
     return net
 
 

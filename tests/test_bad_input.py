@@ -193,3 +193,14 @@ def test_nonfinite_images_are_found_past_the_first_chunk():
     net = ConvNet([Flatten(), Dense(4, 3, dtype=np.float32, rng=0)], input_shape=(1, 2, 2))
     with pytest.raises(ValueError, match=r"2 of 9000 images .*at index 5000, 8999\)"):
         net.predict(x)
+
+
+@pytest.mark.parametrize("layers, match", [
+    ([], "has no layers"),
+    ([ReLU()], r"gives \(1, 28, 28\) per image, not a vector of class scores")])
+@pytest.mark.parametrize("call", ["fit", "evaluate", "predict"])
+def test_a_network_without_class_scores_says_so(rng, layers, match, call):
+    x, y = digits(rng, 4)
+    net = ConvNet(layers, input_shape=(1, 28, 28))
+    with pytest.raises(ValueError, match=match):
+        getattr(net, call)(*((x,) if call == "predict" else (x, y)))
