@@ -328,3 +328,17 @@ def test_dense_and_loss_keep_nan(fast, rng, dtype):
         assert np.isnan(loss) and np.isnan(loss_ref)
         assert np.isnan(d[2]).all() and np.isnan(d_ref[2]).all()
         assert_nan_rule(d, d_ref, dtype, "dlogits")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pool_with_sums_that_overflow_still_agrees(fast, rng, dtype):
+    """numba's 2x2 pooling re-pools a plane whose values sum to NaN or inf: values near the
+    dtype's largest make the sum overflow without any NaN, and the result must not change."""
+    big = np.finfo(dtype).max
+    x = (rng.choice([-1.0, 1.0], (2, 3, 6, 6)) * big * rng.uniform(0.5, 1, (2, 3, 6, 6)))
+    x = x.astype(dtype)
+    for size, stride in ((2, 2), (3, 1)):
+        y, arg = fast.maxpool2d_forward(x, size, stride)
+        y_ref, arg_ref = NAIVE.maxpool2d_forward(x, size, stride)
+        np.testing.assert_array_equal(y, y_ref)
+        np.testing.assert_array_equal(arg, arg_ref)
