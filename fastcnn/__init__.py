@@ -19,7 +19,7 @@ _EXPORTS = {
     "SGD": "network", "ConvNet": "network", "TrainingDiverged": "network",
     "get_num_threads": "threads", "set_num_threads": "threads",
 }
-_SUBMODULES = ("atomic", "backend", "benchmark", "datasets", "idx", "jit_cost", "layers",
+_SUBMODULES = ("atomic", "backend", "benchmark", "datasets", "idx", "jit_cost", "kernels", "layers",
                "memory", "models", "network", "serialize", "spawn", "threads")
 
 __all__ = [*sorted(_EXPORTS), "__version__"]

@@ -73,3 +73,22 @@ def test_layers_dispatch_through_the_switch(monkeypatch):
     y = layer.forward(np.zeros((1, 1, 5, 5), np.float32))
     layer.backward(np.ones_like(y))
     assert calls == ["conv2d_forward", "conv2d_grad_weight", "conv2d_grad_input"]
+
+
+def test_import_fastcnn_reaches_the_documented_names_lazily():
+    """`import fastcnn` loads nothing heavy (the CLI's Ctrl-C handling relies on it), yet every
+    documented name and submodule is reachable from it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fastcnn; assert 'numpy' not in sys.modules, 'numpy loaded at import'\n"
+            "net = fastcnn.models.simple_cnn(); assert net.num_params() == 15770\n"
+            "assert fastcnn.datasets.load('mnist-sample')[1][0].shape == (2000, 1, 28, 28)\n"
+            "from fastcnn import ConvNet, TrainingDiverged, use_backend, kernels\n"
+            "assert isinstance(net, fastcnn.ConvNet) and issubclass(TrainingDiverged, "
+            "FloatingPointError)\n"
+            "assert set(fastcnn.__all__) <= set(dir(fastcnn))\n"
+            "try:\n    fastcnn.nothing\nexcept AttributeError as e:\n    print(e)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "has no attribute 'nothing'" in run.stdout
