@@ -13,6 +13,7 @@ import numpy as np
 
 from . import serialize
 from .backend import kernels
+from .kernels import _contract
 from .layers import Layer, SoftmaxCrossEntropy
 
 # Divergence: a loss that grows past DIVERGENCE_FACTOR times where it started (at least chance
@@ -36,30 +37,20 @@ class TrainingDiverged(FloatingPointError):
         self.epoch, self.batch, self.loss = epoch, batch, loss
 
 
-def _number(name, value, positive=True):
-    """A real number (Python or NumPy scalar, not bool) that is finite (and > 0) -> float."""
+def _positive_number(name, value):
+    """A real number (Python or NumPy scalar, not bool), finite and > 0 -> float."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(
-            value, (int, float, np.integer, np.floating)) or not np.isfinite(value) or (
-            positive and value <= 0):
-        raise ValueError(f"{name} must be a {'positive ' if positive else ''}finite number, "
-                         f"got {value!r}")
+            value, (int, float, np.integer, np.floating)) or not (np.isfinite(value)
+                                                                 and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
-
-
-def _count(name, value, minimum=1):
-    """An int (Python or NumPy, not bool) >= minimum."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 class SGD:
     """Plain mini-batch SGD on the gradient of the mean loss: ``p -= lr * grad``."""
 
     def __init__(self, lr):
-        self.lr = _number("lr", lr)
+        self.lr = _positive_number("lr", lr)
 
     def step(self, net):
         update = kernels().sgd_update
@@ -246,8 +237,8 @@ class ConvNet:
         epoch, or a first-batch loss that far above chance level before any update (then the
         message blames the images or the initial weights, not the learning rate).
         """
-        epochs = _count("epochs", epochs)
-        batch_size = _count("batch_size", batch_size)
+        epochs = _contract.check_int("epochs", epochs, 1)
+        batch_size = _contract.check_int("batch_size", batch_size, 1)
         optimizer = SGD(lr)
         self._check_data(x, y)
         if validation_data is not None:
@@ -307,7 +298,7 @@ class ConvNet:
 
     def predict_proba(self, x, batch_size=64):
         """Class probabilities (N, K) for images x: uint8 (scaled by 1/255) or finite floats."""
-        batch_size = _count("batch_size", batch_size)
+        batch_size = _contract.check_int("batch_size", batch_size, 1)
         self._check_images(x)
         self._check_parameters()
         k = self.num_classes()
@@ -324,7 +315,7 @@ class ConvNet:
 
     def evaluate(self, x, y, batch_size=64):
         """{"loss": mean cross-entropy, "accuracy": fraction correct} on images x, labels y."""
-        batch_size = _count("batch_size", batch_size)
+        batch_size = _contract.check_int("batch_size", batch_size, 1)
         self._check_data(x, y)
         self._check_parameters()
         return self._evaluate(x, y, batch_size)
