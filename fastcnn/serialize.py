@@ -62,6 +62,8 @@ class _Bad(ValueError):
 
 def load(cls, path):
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a fastcnn model file")
     if not path.is_file():
         raise FileNotFoundError(f"no model file at {path}")
     try:

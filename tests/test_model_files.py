@@ -231,6 +231,11 @@ def test_extra_members_are_refused(tmp_path):
     load_fails(path, "members the architecture does not name: layer9_weight.npy")
 
 
+def test_a_folder_is_not_a_model_file(tmp_path):
+    with pytest.raises(ValueError, match="is a folder, not a fastcnn model file"):
+        ConvNet.load(tmp_path)
+
+
 def test_not_a_zip_and_empty_file(tmp_path):
     for name, data in (("text.npz", b"hello, not a model"), ("empty.npz", b"")):
         (tmp_path / name).write_bytes(data)
