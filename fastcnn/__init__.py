@@ -16,11 +16,12 @@ _EXPORTS = {
     "use_backend": "backend",
     "Conv2D": "layers", "Dense": "layers", "Flatten": "layers", "MaxPool2D": "layers",
     "ReLU": "layers", "SoftmaxCrossEntropy": "layers",
-    "SGD": "network", "ConvNet": "network", "TrainingDiverged": "network",
+    "ConvNet": "network", "TrainingDiverged": "network",
+    "SGD": "optim", "Adam": "optim", "AdamW": "optim",
     "get_num_threads": "threads", "set_num_threads": "threads",
 }
 _SUBMODULES = ("atomic", "backend", "benchmark", "datasets", "idx", "jit_cost", "kernels", "layers",
-               "memory", "models", "network", "serialize", "spawn", "threads")
+               "memory", "models", "network", "optim", "serialize", "spawn", "threads")
 
 __all__ = [*sorted(_EXPORTS), "__version__"]
 

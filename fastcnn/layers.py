@@ -51,10 +51,14 @@ class Layer:
 
     params: dict
     grads: dict
+    buffers: dict  # state saved with the model but not trained (BatchNorm's running statistics)
+    training: bool  # training mode (see ConvNet.train / ConvNet.eval)
 
     def __init__(self):
         self.params = {}
         self.grads = {}
+        self.buffers = {}
+        self.training = True
 
     def output_shape(self, shape):
         return tuple(shape)

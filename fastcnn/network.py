@@ -6,15 +6,16 @@ forward -> loss -> backward -> gradient hook -> optimizer step (see ``train_step
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
 import numpy as np
 
 from . import serialize
-from .backend import kernels
 from .kernels import _contract
 from .layers import Layer, SoftmaxCrossEntropy
+from .optim import SGD, Optimizer, Schedule
 
 # Divergence: a loss that grows past DIVERGENCE_FACTOR times where it started (at least chance
 # level, ln K for K classes) is divergence, not a bad batch. Batch losses are smoothed first
@@ -35,28 +36,6 @@ class TrainingDiverged(FloatingPointError):
     def __init__(self, message, epoch, batch, loss):
         super().__init__(message)
         self.epoch, self.batch, self.loss = epoch, batch, loss
-
-
-def _positive_number(name, value):
-    """A real number (Python or NumPy scalar, not bool), finite and > 0 -> float."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(
-            value, (int, float, np.integer, np.floating)) or not (np.isfinite(value)
-                                                                 and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-class SGD:
-    """Plain mini-batch SGD on the gradient of the mean loss: ``p -= lr * grad``."""
-
-    def __init__(self, lr):
-        self.lr = _positive_number("lr", lr)
-
-    def step(self, net):
-        update = kernels().sgd_update
-        for layer in net.layers:
-            for key, p in layer.params.items():
-                update(p, layer.grads[key], self.lr)
 
 
 class ConvNet:
@@ -120,8 +99,50 @@ class ConvNet:
                 return p.dtype
         return np.dtype(np.float32)
 
+    def parameters(self):
+        """Every trainable parameter as ``(name, param, grad)``, name ``"layer<i>.<key>"``: the
+        one walk that optimizers, parameter counts and model files use (grad is None before
+        the first backward pass)."""
+        for i, layer in enumerate(self.layers):
+            for key, p in layer.params.items():
+                yield f"layer{i}.{key}", p, layer.grads.get(key)
+
+    def buffers(self):
+        """State saved with the model but not trained (BatchNorm's running statistics), as
+        ``(name, array)``; optimizers never see these."""
+        for i, layer in enumerate(self.layers):
+            for key, b in layer.buffers.items():
+                yield f"layer{i}.{key}", b
+
     def num_params(self):
-        return sum(p.size for layer in self.layers for p in layer.params.values())
+        return sum(p.size for _, p, _ in self.parameters())
+
+    # -- modes --------------------------------------------------------------------------------
+
+    def train(self, mode=True):
+        """Training mode (Dropout drops, BatchNorm uses batch statistics); returns self."""
+        for layer in self.layers:
+            layer.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Inference mode (Dropout is the identity, BatchNorm uses its running statistics)."""
+        return self.train(False)
+
+    @property
+    def training(self):
+        return any(layer.training for layer in self.layers)
+
+    @contextlib.contextmanager
+    def _mode(self, training):
+        """Run a block in a mode and put every layer back as it was."""
+        before = [layer.training for layer in self.layers]
+        self.train(training)
+        try:
+            yield
+        finally:
+            for layer, mode in zip(self.layers, before, strict=True):
+                layer.training = mode
 
     def summary(self):
         """A table of layers, their output shapes and parameter counts, as a string."""
@@ -223,11 +244,15 @@ class ConvNet:
 
     # -- training and evaluation --------------------------------------------------------------
 
-    def fit(self, x, y, epochs=1, batch_size=10, lr=0.05, validation_data=None, shuffle=True,
-            seed=None, verbose=False):
-        """Train with mini-batch SGD; returns the per-epoch history (lists keyed by metric).
+    def fit(self, x, y, epochs=1, batch_size=10, lr=None, validation_data=None, shuffle=True,
+            seed=None, verbose=False, optimizer=None, schedule=None):
+        """Train in training mode; returns the per-epoch history (lists keyed by metric).
 
         x: (N, C, H, W) uint8 (scaled by 1/255 per batch) or float images; y: (N,) int labels.
+        optimizer: a ``fastcnn.optim`` optimizer (default: the seed's plain SGD with ``lr``,
+        0.05 unless given); its state carries over between calls. schedule: a
+        ``fastcnn.optim`` schedule of the optimizer's learning rate, counted from this call's
+        start. Validation runs in inference mode; the network is left in inference mode.
         verbose: a tqdm progress bar per epoch and one line per epoch on stdout.
 
         Everything is checked before the first batch: images holding NaN or inf are a ValueError
@@ -239,7 +264,16 @@ class ConvNet:
         """
         epochs = _contract.check_int("epochs", epochs, 1)
         batch_size = _contract.check_int("batch_size", batch_size, 1)
-        optimizer = SGD(lr)
+        if optimizer is None:
+            optimizer = SGD(0.05 if lr is None else lr)
+        elif not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a fastcnn.optim optimizer, got "
+                            f"{type(optimizer).__name__}")
+        elif lr is not None:
+            raise ValueError("give the learning rate to the optimizer, not to fit (lr=...)")
+        if schedule is not None and not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a fastcnn.optim schedule, got "
+                            f"{type(schedule).__name__}")
         self._check_data(x, y)
         if validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
@@ -250,17 +284,26 @@ class ConvNet:
             self._check_data(*validation_data, what="validation_data")
         self._check_parameters()
         rng = np.random.default_rng(seed)
-        keys = ("loss", "accuracy", "val_loss", "val_accuracy", "seconds", "images_per_second")
+        keys = ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds",
+                "images_per_second")
         history = {k: [] for k in keys}
-        watch = _DivergenceWatch(self.num_classes(), optimizer.lr)
+        watch = _DivergenceWatch(self.num_classes(), optimizer)
+        steps = 0
         for epoch in range(1, epochs + 1):
             order = rng.permutation(len(x)) if shuffle else None
             bar = _progress(len(x), f"epoch {epoch}/{epochs}", verbose)
             start = time.perf_counter()
             total_loss = correct = seen = 0
+            self.train()
             for b, (idx, xb) in enumerate(self._batches(x, batch_size, order)):
                 yb = y[idx]
+                if schedule is not None:
+                    at = epoch - 1 if schedule.per == "epoch" else steps
+                    optimizer.lr = optimizer.base_lr * schedule.factor(at)
+                if b == 0:
+                    history["lr"].append(optimizer.lr)
                 loss, logits = self.train_step(xb, yb, optimizer)
+                steps += 1
                 try:
                     watch.check(loss, epoch, b + 1, xb)
                 except TrainingDiverged:
@@ -283,6 +326,7 @@ class ConvNet:
             history["accuracy"].append(correct / seen)
             history["seconds"].append(seconds)
             history["images_per_second"].append(seen / seconds)
+            self.eval()
             if validation_data is not None:
                 val = self._evaluate(*validation_data, batch_size=64)
                 history["val_loss"].append(val["loss"])
@@ -303,10 +347,11 @@ class ConvNet:
         self._check_parameters()
         k = self.num_classes()
         out = [np.empty((0, k), self.dtype)]
-        for idx, xb in self._batches(x, batch_size):
-            logits = self._finite_logits(xb, idx)
-            e = np.exp(logits - logits.max(axis=1, keepdims=True))
-            out.append(e / e.sum(axis=1, keepdims=True))
+        with self._mode(False):
+            for idx, xb in self._batches(x, batch_size):
+                logits = self._finite_logits(xb, idx)
+                e = np.exp(logits - logits.max(axis=1, keepdims=True))
+                out.append(e / e.sum(axis=1, keepdims=True))
         return np.concatenate(out)
 
     def predict(self, x, batch_size=64):
@@ -322,10 +367,11 @@ class ConvNet:
 
     def _evaluate(self, x, y, batch_size):
         total_loss = correct = 0.0
-        for idx, xb in self._batches(x, batch_size):
-            logits = self._finite_logits(xb, idx)
-            total_loss += self.loss.forward(logits, y[idx]) * len(idx)
-            correct += np.count_nonzero(logits.argmax(axis=1) == y[idx])
+        with self._mode(False):
+            for idx, xb in self._batches(x, batch_size):
+                logits = self._finite_logits(xb, idx)
+                total_loss += self.loss.forward(logits, y[idx]) * len(idx)
+                correct += np.count_nonzero(logits.argmax(axis=1) == y[idx])
         return {"loss": float(total_loss / len(x)), "accuracy": float(correct / len(x))}
 
     def _finite_logits(self, xb, idx):
@@ -342,9 +388,10 @@ class ConvNet:
         return logits
 
     def _nonfinite_parameters(self):
-        """'layer i (Type) key' for the first parameter holding NaN or inf, else None."""
+        """'layer i (Type) key' for the first parameter or buffer holding NaN or inf, else
+        None."""
         for i, layer in enumerate(self.layers):
-            for key, p in layer.params.items():
+            for key, p in (*layer.params.items(), *layer.buffers.items()):
                 if not np.isfinite(p).all():
                     return f"layer {i} ({type(layer).__name__}) {key}"
         return None
@@ -389,11 +436,15 @@ def _pixel_note(xb):
 class _DivergenceWatch:
     """Decides, batch by batch, whether training has gone wrong, and says what to do."""
 
-    def __init__(self, classes, lr):
+    def __init__(self, classes, optimizer):
         self.chance = float(np.log(classes)) if classes > 1 else 1.0
         self.classes = classes
         self.start = self.smooth = None
-        self.advice = f"try a smaller learning rate than lr={lr:g}"
+        self.optimizer = optimizer
+
+    @property
+    def advice(self):
+        return f"try a smaller learning rate than lr={self.optimizer.lr:g}"
 
     def check(self, loss, epoch, batch, xb):
         first = self.start is None

@@ -21,7 +21,17 @@ Shapes, with ``OH = (H + 2*pad - KH) // stride + 1`` for convolution and
 - ``dense_backward(dy, x, w) -> (dx, dw, db)``.
 - ``softmax_cross_entropy(logits, labels) -> (loss, dlogits)``: logits (N, K) with N >= 1,
   labels (N,) ints in [0, K); loss is the mean over the batch, dlogits its gradient.
-- ``sgd_update(param, grad, lr) -> None``: param -= lr * grad, in place (the optimizer's step).
+- ``sgd_update(param, grad, lr) -> None``: param -= lr * grad, in place (the seed's optimizer).
+- ``sgd_momentum_update(param, grad, velocity, lr, momentum, weight_decay, nesterov) -> None``:
+  torch.optim.SGD's step (dampening 0), in place on param and velocity:
+  ``g = grad + weight_decay * param; velocity = momentum * velocity + g;
+  param -= lr * (g + momentum * velocity if nesterov else velocity)``.
+- ``adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step) ->
+  None``: torch.optim.Adam's step (AdamW's with ``decoupled``), ``step`` >= 1 counting this one,
+  in place on param, m and v:
+  ``if decoupled: param *= 1 - lr * weight_decay; else: g = grad + weight_decay * param;
+  m = beta1 * m + (1 - beta1) * g; v = beta2 * v + (1 - beta2) * g * g;
+  param -= lr / (1 - beta1**step) * m / (sqrt(v) / sqrt(1 - beta2**step) + eps)``.
 
 Non-finite values (the NaN rule, as in PyTorch): no kernel turns a NaN or an infinity into a
 number. Every output element whose formula reads a NaN is NaN, and infinities follow IEEE 754
@@ -57,6 +67,8 @@ KERNELS = (
     "dense_backward",
     "softmax_cross_entropy",
     "sgd_update",
+    "sgd_momentum_update",
+    "adam_update",
 )
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -239,6 +251,41 @@ def check_sgd_update(param, grad, lr):
     if isinstance(lr, (bool, np.bool_)) or not (
             isinstance(lr, (int, float, np.integer, np.floating)) and np.isfinite(lr)):
         raise ValueError(f"lr must be a finite number, got {lr!r}")
+
+
+def _check_scalar(name, value, minimum=None, below=None):
+    if isinstance(value, (bool, np.bool_)) or not (
+            isinstance(value, (int, float, np.integer, np.floating)) and np.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if (minimum is not None and value < minimum) or (below is not None and value >= below):
+        bounds = (f">= {minimum}" if below is None else f"in [{minimum}, {below})")
+        raise ValueError(f"{name} must be {bounds}, got {value!r}")
+    return float(value)
+
+
+def check_optimizer_update(param, grad, states):
+    """param and every state array: writeable, C-contiguous, grad's shape and dtype."""
+    check_sgd_update(param, grad, 1.0)
+    for name, a in states.items():
+        check_array(name, a, param.ndim, param.dtype)
+        if a.shape != param.shape:
+            raise ValueError(f"{name} {a.shape} does not match param {param.shape}")
+        if not a.flags.c_contiguous or not a.flags.writeable:
+            raise ValueError(f"{name} must be a writeable C-contiguous array (updated in place)")
+
+
+def check_sgd_momentum_update(param, grad, velocity, lr, momentum, weight_decay):
+    check_optimizer_update(param, grad, {"velocity": velocity})
+    return (_check_scalar("lr", lr), _check_scalar("momentum", momentum, 0.0),
+            _check_scalar("weight_decay", weight_decay, 0.0))
+
+
+def check_adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
+    check_optimizer_update(param, grad, {"m": m, "v": v})
+    step = check_int("step", step, 1)
+    return (_check_scalar("lr", lr), _check_scalar("beta1", beta1, 0.0, 1.0),
+            _check_scalar("beta2", beta2, 0.0, 1.0), _check_scalar("eps", eps, 0.0),
+            _check_scalar("weight_decay", weight_decay, 0.0), step)
 
 
 def check_softmax_cross_entropy(logits, labels):

@@ -209,3 +209,36 @@ def sgd_update(param, grad, lr):
     c.check_sgd_update(param, grad, lr)
     for idx in np.ndindex(param.shape):
         param[idx] -= lr * grad[idx]
+
+
+def sgd_momentum_update(param, grad, velocity, lr, momentum, weight_decay, nesterov):
+    """For every index i (torch.optim.SGD with dampening 0):
+    g = grad[i] + weight_decay * param[i];  velocity[i] = momentum * velocity[i] + g;
+    param[i] -= lr * (g + momentum * velocity[i] if nesterov else velocity[i])."""
+    lr, momentum, weight_decay = c.check_sgd_momentum_update(param, grad, velocity, lr, momentum,
+                                                             weight_decay)
+    for idx in np.ndindex(param.shape):
+        g = grad[idx] + weight_decay * param[idx]
+        velocity[idx] = momentum * velocity[idx] + g
+        step = g + momentum * velocity[idx] if nesterov else velocity[idx]
+        param[idx] -= lr * step
+
+
+def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step):
+    """For every index i, at step t = step (torch.optim.Adam; AdamW when decoupled):
+    decoupled: param[i] *= 1 - lr * weight_decay, g = grad[i];
+    else:      g = grad[i] + weight_decay * param[i];
+    m[i] = beta1 * m[i] + (1 - beta1) * g;   v[i] = beta2 * v[i] + (1 - beta2) * g * g;
+    param[i] -= lr / (1 - beta1**t) * m[i] / (sqrt(v[i]) / sqrt(1 - beta2**t) + eps)."""
+    lr, beta1, beta2, eps, weight_decay, t = c.check_adam_update(param, grad, m, v, lr, beta1,
+                                                                 beta2, eps, weight_decay, step)
+    for idx in np.ndindex(param.shape):
+        if decoupled:
+            param[idx] *= 1 - lr * weight_decay
+            g = grad[idx]
+        else:
+            g = grad[idx] + weight_decay * param[idx]
+        m[idx] = beta1 * m[idx] + (1 - beta1) * g
+        v[idx] = beta2 * v[idx] + (1 - beta2) * g * g
+        denom = math.sqrt(v[idx]) / math.sqrt(1 - beta2**t) + eps
+        param[idx] -= lr / (1 - beta1**t) * m[idx] / denom

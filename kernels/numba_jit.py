@@ -695,3 +695,76 @@ def sgd_update(param, grad, lr):
     c.check_sgd_update(param, grad, lr)
     kernel = _sgd_update if param.size >= _PARALLEL_MIN else _sgd_update_serial
     kernel(param.reshape(-1), np.ascontiguousarray(grad).reshape(-1), param.dtype.type(lr))
+
+
+# -- optimizers: one fused pass over each parameter (and its state) --------------------------
+
+
+@_inlined
+def _momentum_at(param, grad, velocity, i, lr, momentum, weight_decay, nesterov):
+    g = grad[i] + weight_decay * param[i]
+    velocity[i] = momentum * velocity[i] + g
+    if nesterov:
+        param[i] -= lr * (g + momentum * velocity[i])
+    else:
+        param[i] -= lr * velocity[i]
+
+
+@_parallel
+def _sgd_momentum(param, grad, velocity, lr, momentum, weight_decay, nesterov):
+    for i in prange(param.size):
+        _momentum_at(param, grad, velocity, i, lr, momentum, weight_decay, nesterov)
+
+
+@_serial
+def _sgd_momentum_serial(param, grad, velocity, lr, momentum, weight_decay, nesterov):
+    for i in range(param.size):
+        _momentum_at(param, grad, velocity, i, lr, momentum, weight_decay, nesterov)
+
+
+def sgd_momentum_update(param, grad, velocity, lr, momentum, weight_decay, nesterov):
+    """torch.optim.SGD's step (dampening 0), in place on param and velocity, in one pass."""
+    lr, momentum, weight_decay = c.check_sgd_momentum_update(param, grad, velocity, lr, momentum,
+                                                             weight_decay)
+    t = param.dtype.type
+    kernel = _sgd_momentum if param.size >= _PARALLEL_MIN else _sgd_momentum_serial
+    kernel(param.reshape(-1), np.ascontiguousarray(grad).reshape(-1), velocity.reshape(-1),
+           t(lr), t(momentum), t(weight_decay), bool(nesterov))
+
+
+@_inlined
+def _adam_at(param, grad, m, v, i, b, eps, weight_decay, decay, step_size, inv_root_bc2):
+    # b = (beta1, 1 - beta1, beta2, 1 - beta2), all in the arrays' dtype (an int 1 - a float32
+    # would be float64 in Numba)
+    p = param[i] * decay  # decay is 1 - lr * weight_decay for AdamW, else 1
+    g = grad[i] + weight_decay * p  # weight_decay is 0 here for AdamW
+    mi = b[0] * m[i] + b[1] * g
+    vi = b[2] * v[i] + b[3] * g * g
+    m[i] = mi
+    v[i] = vi
+    param[i] = p - step_size * mi / (np.sqrt(vi) * inv_root_bc2 + eps)
+
+
+@_parallel
+def _adam(param, grad, m, v, b, eps, weight_decay, decay, step_size, inv_root_bc2):
+    for i in prange(param.size):
+        _adam_at(param, grad, m, v, i, b, eps, weight_decay, decay, step_size, inv_root_bc2)
+
+
+@_serial
+def _adam_serial(param, grad, m, v, b, eps, weight_decay, decay, step_size, inv_root_bc2):
+    for i in range(param.size):
+        _adam_at(param, grad, m, v, i, b, eps, weight_decay, decay, step_size, inv_root_bc2)
+
+
+def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step):
+    """torch.optim.Adam's step (AdamW's when decoupled), in place on param, m and v, in one
+    pass; the bias corrections are computed once here, in float64."""
+    lr, beta1, beta2, eps, weight_decay, step = c.check_adam_update(
+        param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step)
+    t = param.dtype.type
+    decay, coupled = (1 - lr * weight_decay, 0.0) if decoupled else (1.0, weight_decay)
+    kernel = _adam if param.size >= _PARALLEL_MIN else _adam_serial
+    kernel(param.reshape(-1), np.ascontiguousarray(grad).reshape(-1), m.reshape(-1),
+           v.reshape(-1), (t(beta1), t(1 - beta1), t(beta2), t(1 - beta2)), t(eps), t(coupled),
+           t(decay), t(lr / (1 - beta1**step)), t(1 / np.sqrt(1 - beta2**step)))

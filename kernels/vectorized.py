@@ -150,3 +150,35 @@ def sgd_update(param, grad, lr):
     """param -= lr * grad, in place."""
     c.check_sgd_update(param, grad, lr)
     param -= param.dtype.type(lr) * grad
+
+
+def sgd_momentum_update(param, grad, velocity, lr, momentum, weight_decay, nesterov):
+    """torch.optim.SGD's step (dampening 0), in place: velocity = momentum * velocity + g with
+    g = grad + weight_decay * param; param -= lr * (g + momentum * velocity if nesterov else
+    velocity)."""
+    lr, momentum, weight_decay = c.check_sgd_momentum_update(param, grad, velocity, lr, momentum,
+                                                             weight_decay)
+    t = param.dtype.type
+    g = grad + t(weight_decay) * param if weight_decay else grad
+    velocity *= t(momentum)
+    velocity += g
+    param -= t(lr) * (g + t(momentum) * velocity if nesterov else velocity)
+
+
+def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step):
+    """torch.optim.Adam's step (AdamW's when decoupled), in place on param, m and v."""
+    lr, beta1, beta2, eps, weight_decay, step = c.check_adam_update(
+        param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step)
+    t = param.dtype.type
+    if decoupled:
+        param *= t(1 - lr * weight_decay)
+        g = grad
+    else:
+        g = grad + t(weight_decay) * param if weight_decay else grad
+    m *= t(beta1)
+    m += t(1 - beta1) * g
+    v *= t(beta2)
+    v += t(1 - beta2) * g * g
+    denom = np.sqrt(v) / t(np.sqrt(1 - beta2**step))
+    denom += t(eps)
+    param -= t(lr / (1 - beta1**step)) * m / denom

@@ -342,3 +342,23 @@ def test_pool_with_sums_that_overflow_still_agrees(fast, rng, dtype):
         y_ref, arg_ref = NAIVE.maxpool2d_forward(x, size, stride)
         np.testing.assert_array_equal(y, y_ref)
         np.testing.assert_array_equal(arg, arg_ref)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [(3, 5, 2), (1 << 17) + 3])  # numba: one thread, and parallel
+@pytest.mark.parametrize("kind", ["momentum", "nesterov", "adam", "adamw"])
+def test_optimizer_updates_agree_with_naive(fast, rng, dtype, size, kind):
+    p0 = rng.standard_normal(size).astype(dtype)
+    grads = [rng.standard_normal(size).astype(dtype) for _ in range(3)]
+    results = []
+    for k in (NAIVE, fast):
+        p, a, b = p0.copy(), np.zeros(size, dtype), np.zeros(size, dtype)
+        for step, g in enumerate(grads, 1):
+            if kind in ("momentum", "nesterov"):
+                k.sgd_momentum_update(p, g, a, 0.1, 0.9, 0.01, kind == "nesterov")
+            else:
+                k.adam_update(p, g, a, b, 0.01, 0.9, 0.999, 1e-8, 0.01, kind == "adamw", step)
+        results.append((p, a, b))
+    assert not np.allclose(results[0][0], p0)
+    for got, want in zip(results[1], results[0], strict=True):
+        np.testing.assert_allclose(got, want, **tol(dtype))
