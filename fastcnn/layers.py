@@ -69,6 +69,11 @@ class Layer:
         computed without allocating them (model files are checked against this first)."""
         return {}
 
+    @classmethod
+    def buffer_specs(cls, **config):
+        """{key: (shape, dtype)} of the buffers, likewise."""
+        return {}
+
     def config(self):
         """Constructor arguments, JSON-serialisable, for ``ConvNet.save``."""
         return {}
@@ -230,6 +235,130 @@ class Dense(Layer):
                 "dtype": self.params["weight"].dtype.name}
 
 
+class Dropout(Layer):
+    """Inverted dropout: in training mode each value is kept with probability 1 - p and scaled
+    by 1 / (1 - p), else zeroed; in inference mode the identity. The mask comes from the layer's
+    own generator (``rng``: a seed or a numpy Generator), so every backend trains alike, and a
+    checkpoint saves its state."""
+
+    def __init__(self, p=0.5, rng=None):
+        super().__init__()
+        if isinstance(p, (bool, np.bool_)) or not isinstance(p, (int, float, np.floating)) or \
+                not 0 <= p < 1:
+            raise ValueError(f"p must be a probability in [0, 1), got {p!r}")
+        self.p = float(p)
+        self.rng = _rng(rng)
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            self._keep = None
+            return x
+        self._keep = self.rng.random(x.shape, dtype=np.float32) >= self.p
+        return kernels().dropout(x, self._keep, 1 / (1 - self.p))
+
+    def backward(self, dy, need_dx=True):
+        if not need_dx:
+            return None
+        if self._keep is None:
+            return dy
+        return kernels().dropout(dy, self._keep, 1 / (1 - self.p))
+
+    def config(self):
+        return {"p": self.p}
+
+
+class _BatchNorm(Layer):
+    """Batch normalization per channel (axis 1): batch statistics in training mode (and running
+    averages of them, as torch: momentum 0.1, unbiased variance), the running statistics in
+    inference mode. Parameters "weight" (gamma, ones) and "bias" (beta, zeros); buffers
+    "running_mean" and "running_var"."""
+
+    ndim = None  # per-sample dimensions: 3 for BatchNorm2D (C, H, W), 1 for BatchNorm1D (C,)
+
+    def __init__(self, channels, eps=1e-5, momentum=0.1, dtype=np.float32):
+        super().__init__()
+        specs = self.param_specs(channels, eps, momentum, dtype)
+        self.channels = int(channels)
+        self.eps = float(eps)
+        self.momentum = float(momentum)
+        (shape, dtype) = specs["weight"]
+        self.params["weight"] = np.ones(shape, dtype)
+        self.params["bias"] = np.zeros(shape, dtype)
+        self.buffers["running_mean"] = np.zeros(shape, dtype)
+        self.buffers["running_var"] = np.ones(shape, dtype)
+
+    @classmethod
+    def param_specs(cls, channels, eps=1e-5, momentum=0.1, dtype=np.float32):
+        c = _contract.check_int("channels", channels, 1)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ValueError(f"eps must be in (0, 1), got {eps!r}")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or \
+                not 0 <= momentum <= 1:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+        dtype = _float_dtype(dtype)
+        return {"weight": ((c,), dtype), "bias": ((c,), dtype)}
+
+    @classmethod
+    def buffer_specs(cls, channels, eps=1e-5, momentum=0.1, dtype=np.float32):
+        specs = cls.param_specs(channels, eps, momentum, dtype)
+        return {"running_mean": specs["weight"], "running_var": specs["weight"]}
+
+    def output_shape(self, shape):
+        if len(shape) != self.ndim or shape[0] != self.channels:
+            want = "(C, H, W)" if self.ndim == 3 else "(C,)"
+            raise ValueError(f"{self!r} expects input {want} with C={self.channels}, got "
+                             f"{tuple(shape)}")
+        return tuple(shape)
+
+    def forward(self, x):
+        self._shape = x.shape
+        x3 = x.reshape(x.shape[0], self.channels, -1)
+        gamma, beta = self.params["weight"], self.params["bias"]
+        k = kernels()
+        if not self.training:
+            self._x3 = None
+            return k.batchnorm_inference(x3, gamma, beta, self.buffers["running_mean"],
+                                         self.buffers["running_var"], self.eps).reshape(x.shape)
+        m = x3.shape[0] * x3.shape[2]
+        if m < 2:
+            raise ValueError(f"{self!r} needs more than one value per channel in training mode, "
+                             f"got input {tuple(x.shape)} (a batch of one: use a larger batch)")
+        y, mean, var = k.batchnorm_forward(x3, gamma, beta, self.eps)
+        self._x3, self._mean, self._var = x3, mean, var
+        unbiased = var * (m / (m - 1))
+        rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
+        rm *= 1 - self.momentum
+        rm += self.momentum * mean
+        rv *= 1 - self.momentum
+        rv += self.momentum * unbiased
+        return y.reshape(x.shape)
+
+    def backward(self, dy, need_dx=True):
+        if self._x3 is None:
+            raise RuntimeError(f"{self!r}: backward after a forward pass in inference mode "
+                               f"(train with net.train())")
+        dx, self.grads["weight"], self.grads["bias"] = kernels().batchnorm_backward(
+            dy.reshape(self._x3.shape), self._x3, self.params["weight"], self._mean, self._var,
+            self.eps)
+        return dx.reshape(self._shape) if need_dx else None
+
+    def config(self):
+        return {"channels": self.channels, "eps": self.eps, "momentum": self.momentum,
+                "dtype": self.params["weight"].dtype.name}
+
+
+class BatchNorm2D(_BatchNorm):
+    """Batch normalization of (N, C, H, W): statistics per channel over N, H and W."""
+
+    ndim = 3
+
+
+class BatchNorm1D(_BatchNorm):
+    """Batch normalization of (N, C), as after a Dense layer: statistics per feature over N."""
+
+    ndim = 1
+
+
 class SoftmaxCrossEntropy:
     """Softmax followed by cross-entropy, averaged over the batch."""
 
@@ -243,4 +372,5 @@ class SoftmaxCrossEntropy:
         return self._dlogits
 
 
-LAYER_TYPES = {cls.__name__: cls for cls in (Conv2D, ReLU, MaxPool2D, Flatten, Dense)}
+LAYER_TYPES = {cls.__name__: cls for cls in (Conv2D, ReLU, MaxPool2D, Flatten, Dense, Dropout,
+                                              BatchNorm2D, BatchNorm1D)}

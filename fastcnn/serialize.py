@@ -30,7 +30,8 @@ from . import atomic
 from .layers import LAYER_TYPES
 
 FORMAT = "fastcnn-model"
-VERSION = 1
+VERSION = 2  # 2 added buffers (BatchNorm's running statistics); version-1 files still load
+READABLE_VERSIONS = (1, 2)
 MAX_ARCHITECTURE_BYTES = 1 << 20
 MAX_INPUT_VALUES = 1 << 28  # values in one input image (C * H * W): 1 GB of float32
 # Deflate cannot expand more than about 1032:1; a member claiming more is not a real one.
@@ -44,30 +45,44 @@ def check_destination(path):
 
 
 def save(net, path):
+    check_destination(path)
+    arrays = model_arrays(net)
+    atomic.atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def model_arrays(net, extra_records=None):
+    """The arrays of a model file: "architecture" (JSON bytes) and "layer<i>.<key>" for every
+    parameter and buffer; ``extra_records`` (a JSON-able dict) is added to the architecture
+    record (checkpoints keep their state there)."""
     layers, arrays = [], {}
     for i, layer in enumerate(net.layers):
         layers.append({"type": type(layer).__name__, "config": layer.config(),
-                       "params": {k: list(p.shape) for k, p in layer.params.items()}})
-        for key, p in layer.params.items():
-            arrays[f"layer{i}.{key}"] = p
-    arch = {"format": FORMAT, "version": VERSION, "input_shape": net.input_shape, "layers": layers}
+                       "params": {k: list(p.shape) for k, p in layer.params.items()},
+                       "buffers": {k: list(b.shape) for k, b in layer.buffers.items()}})
+        for key, a in (*layer.params.items(), *layer.buffers.items()):
+            arrays[f"layer{i}.{key}"] = a
+    arch = {"format": FORMAT, "version": VERSION, "input_shape": net.input_shape, "layers": layers,
+            **(extra_records or {})}
     arrays["architecture"] = np.frombuffer(json.dumps(arch).encode(), dtype=np.uint8)
-    check_destination(path)
-    atomic.atomic_write(path, lambda f: np.savez(f, **arrays))
+    return arrays
 
 
 class _Bad(ValueError):
     """What is wrong with the file, without its name (added once, at the top)."""
 
 
-def load(cls, path):
+def load(cls, path, extra=None):
+    """The network in ``path``. ``extra``: a function called as ``extra(z, arch, members)``
+    with the open zip, the checked architecture record and the remaining members, whose result
+    is returned beside the network (checkpoints read their state this way); its errors are
+    reported like the file's."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a fastcnn model file")
     if not path.is_file():
         raise FileNotFoundError(f"no model file at {path}")
     try:
-        return _load(cls, path)
+        return _load(cls, path, extra)
     except _Bad as e:
         raise ValueError(f"{path} is not a valid fastcnn model file: {e}") from None
     except zipfile.BadZipFile as e:
@@ -81,7 +96,7 @@ def load(cls, path):
                          f"{type(e).__name__}: {e}") from e
 
 
-def _load(cls, path):
+def _load(cls, path, read_extra):
     file_size = path.stat().st_size
     with zipfile.ZipFile(path) as z:
         members = _check_directory(z, file_size)
@@ -89,9 +104,11 @@ def _load(cls, path):
         net, specs = _plan(cls, arch)
         expected = {f"layer{i}.{key}.npy" for i, layer_specs in enumerate(specs)
                     for key in layer_specs}
-        extra = sorted(set(members) - expected - {"architecture.npy"})
-        if extra:
-            raise _Bad(f"it holds members the architecture does not name: {', '.join(extra[:5])}")
+        others = {name: info for name, info in members.items()
+                  if name not in expected and name != "architecture.npy"}
+        if read_extra is None and others:
+            raise _Bad(f"it holds members the architecture does not name: "
+                       f"{', '.join(sorted(others)[:5])}")
         for i, layer_specs in enumerate(specs):
             for key, (shape, dtype) in layer_specs.items():
                 name = f"layer{i}.{key}.npy"
@@ -103,13 +120,15 @@ def _load(cls, path):
         for i, spec in enumerate(arch["layers"]):
             try:
                 layer = LAYER_TYPES[spec["type"]](**spec.get("config", {}))
+                if set(layer.params) | set(layer.buffers) != set(specs[i]):
+                    raise ValueError("its arrays differ from its specification")
             except (TypeError, ValueError) as e:
                 raise _Bad(f"layer {i} ({spec['type']}) has a bad config: {e}") from None
             try:
                 net.add(layer)  # checks that it fits what comes before it
             except ValueError as e:
                 raise _Bad(str(e)) from None
-            for key, p in layer.params.items():
+            for key, p in (*layer.params.items(), *layer.buffers.items()):
                 what = f"layer {i} ({spec['type']}) {key}"
                 with z.open(members[f"layer{i}.{key}.npy"]) as f:
                     stored = np.lib.format.read_array(f, allow_pickle=False)
@@ -122,11 +141,13 @@ def _load(cls, path):
                     raise _Bad(f"{what} holds {np.count_nonzero(~np.isfinite(stored))} NaN or "
                                f"infinite values")
                 p[...] = stored
+        result = read_extra(z, arch, others) if read_extra is not None else None
     try:
         net.num_classes()
     except ValueError as e:
         raise _Bad(str(e)) from None
-    return net
+    net.eval()  # a loaded model infers until told to train
+    return net if read_extra is None else (net, result)
 
 
 def _check_directory(z, file_size):
@@ -201,9 +222,10 @@ def _read_architecture(z, members):
         raise _Bad(f"its architecture record is not JSON: {e}") from None
     if not isinstance(arch, dict):
         raise _Bad(f"its architecture record is a JSON {type(arch).__name__}, not an object")
-    if arch.get("format") != FORMAT or arch.get("version") != VERSION:
+    if arch.get("format") != FORMAT or arch.get("version") not in READABLE_VERSIONS:
         raise _Bad(f"unknown format {arch.get('format')!r} version {arch.get('version')!r} "
-                   f"(this fastcnn reads {FORMAT!r} version {VERSION})")
+                   f"(this fastcnn reads {FORMAT!r} versions "
+                   f"{', '.join(map(str, READABLE_VERSIONS))})")
     return arch
 
 
@@ -231,8 +253,8 @@ def _plan(cls, arch):
         if not isinstance(config, dict):
             raise _Bad(f"layer {i} ({spec['type']}) has a config that is not an object")
         try:
-            specs.append({k: (tuple(s), np.dtype(d))
-                          for k, (s, d) in layer_type.param_specs(**config).items()})
+            declared = {**layer_type.param_specs(**config), **layer_type.buffer_specs(**config)}
+            specs.append({k: (tuple(s), np.dtype(d)) for k, (s, d) in declared.items()})
         except (TypeError, ValueError) as e:
             raise _Bad(f"layer {i} ({spec['type']}) has a bad config: {e}") from None
     return cls(input_shape=tuple(shape)), specs

@@ -32,6 +32,16 @@ Shapes, with ``OH = (H + 2*pad - KH) // stride + 1`` for convolution and
   ``if decoupled: param *= 1 - lr * weight_decay; else: g = grad + weight_decay * param;
   m = beta1 * m + (1 - beta1) * g; v = beta2 * v + (1 - beta2) * g * g;
   param -= lr / (1 - beta1**step) * m / (sqrt(v) / sqrt(1 - beta2**step) + eps)``.
+- ``dropout(x, keep, scale) -> y``: ``y = x * scale`` where ``keep`` (a bool array shaped like
+  x) is true, ``x * 0`` elsewhere; inverted dropout's forward pass and, on dy, its backward pass
+  (the mask is drawn by the layer's own generator, so every backend gets the same one).
+- ``batchnorm_forward(x, gamma, beta, eps) -> (y, mean, var)``: x (N, C, L), statistics per
+  channel over N and L (``var`` biased): ``y = (x - mean) / sqrt(var + eps) * gamma + beta``.
+- ``batchnorm_inference(x, gamma, beta, mean, var, eps) -> y``: the same with given statistics.
+- ``batchnorm_backward(dy, x, gamma, mean, var, eps) -> (dx, dgamma, dbeta)``: the gradients of
+  batchnorm_forward (through the batch statistics), with M = N * L and
+  ``xhat = (x - mean) / sqrt(var + eps)``: ``dbeta = sum dy``, ``dgamma = sum dy * xhat``,
+  ``dx = gamma / sqrt(var + eps) * (dy - dbeta / M - xhat * dgamma / M)``.
 
 Non-finite values (the NaN rule, as in PyTorch): no kernel turns a NaN or an infinity into a
 number. Every output element whose formula reads a NaN is NaN, and infinities follow IEEE 754
@@ -69,6 +79,10 @@ KERNELS = (
     "sgd_update",
     "sgd_momentum_update",
     "adam_update",
+    "dropout",
+    "batchnorm_forward",
+    "batchnorm_inference",
+    "batchnorm_backward",
 )
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -301,3 +315,41 @@ def check_softmax_cross_entropy(logits, labels):
     if (labels.min() < 0 or labels.max() >= k):
         raise ValueError(f"labels must lie in [0, {k}), got values from {labels.min()} "
                          f"to {labels.max()}")
+
+
+def check_dropout(x, keep, scale):
+    check_array("x", x)
+    if not isinstance(keep, np.ndarray) or keep.dtype != np.bool_ or keep.shape != x.shape:
+        got = (f"{keep.dtype} {keep.shape}" if isinstance(keep, np.ndarray)
+               else type(keep).__name__)
+        raise ValueError(f"keep must be a bool array shaped like x {x.shape}, got {got}")
+    return _check_scalar("scale", scale, 0.0)
+
+
+def _check_channels(name, a, c, dtype):
+    check_array(name, a, 1, dtype)
+    if a.shape != (c,):
+        raise ValueError(f"{name} must have shape ({c},) for {c} channels, got {a.shape}")
+
+
+def check_batchnorm(x, gamma, beta, eps, stats=()):
+    """x (N, C, L) with N * L >= 1, per-channel arrays of shape (C,), eps > 0."""
+    check_array("x", x, 3)
+    n, c, length = x.shape
+    if n * length == 0 or c == 0:
+        raise ValueError(f"batch normalization needs at least one value per channel, got x "
+                         f"{x.shape}")
+    for name, a in (("gamma", gamma), ("beta", beta), *stats):
+        _check_channels(name, a, c, x.dtype)
+    eps = _check_scalar("eps", eps, 0.0)
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    return eps
+
+
+def check_batchnorm_backward(dy, x, gamma, mean, var, eps):
+    eps = check_batchnorm(x, gamma, gamma, eps, (("mean", mean), ("var", var)))
+    check_array("dy", dy, 3, x.dtype)
+    if dy.shape != x.shape:
+        raise ValueError(f"dy {dy.shape} does not match x {x.shape}")
+    return eps

@@ -242,3 +242,76 @@ def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, decouple
         v[idx] = beta2 * v[idx] + (1 - beta2) * g * g
         denom = math.sqrt(v[idx]) / math.sqrt(1 - beta2**t) + eps
         param[idx] -= lr / (1 - beta1**t) * m[idx] / denom
+
+
+def dropout(x, keep, scale):
+    """y[i] = x[i] * scale where keep[i], else x[i] * 0 (so a NaN stays NaN)."""
+    scale = c.check_dropout(x, keep, scale)
+    y = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        y[idx] = x[idx] * scale if keep[idx] else x[idx] * 0
+    return y
+
+
+def batchnorm_forward(x, gamma, beta, eps):
+    """Per channel ch, over every n and k (M = N * L values):
+    mean[ch] = sum x[n, ch, k] / M;  var[ch] = sum (x[n, ch, k] - mean[ch])**2 / M;
+    y[n, ch, k] = (x[n, ch, k] - mean[ch]) / sqrt(var[ch] + eps) * gamma[ch] + beta[ch]."""
+    eps = c.check_batchnorm(x, gamma, beta, eps)
+    N, C, L = x.shape
+    mean = np.zeros(C, x.dtype)
+    var = np.zeros(C, x.dtype)
+    for ch in range(C):
+        total = 0.0
+        for n in range(N):
+            for k in range(L):
+                total += float(x[n, ch, k])
+        mean[ch] = total / (N * L)
+        total = 0.0
+        for n in range(N):
+            for k in range(L):
+                total += (float(x[n, ch, k]) - float(mean[ch])) ** 2
+        var[ch] = total / (N * L)
+    return batchnorm_inference(x, gamma, beta, mean, var, eps), mean, var
+
+
+def batchnorm_inference(x, gamma, beta, mean, var, eps):
+    """y[n, ch, k] = (x[n, ch, k] - mean[ch]) / sqrt(var[ch] + eps) * gamma[ch] + beta[ch]."""
+    eps = c.check_batchnorm(x, gamma, beta, eps, (("mean", mean), ("var", var)))
+    N, C, L = x.shape
+    y = np.zeros_like(x)
+    for ch in range(C):
+        inv_std = 1 / math.sqrt(float(var[ch]) + eps)
+        for n in range(N):
+            for k in range(L):
+                y[n, ch, k] = (float(x[n, ch, k]) - float(mean[ch])) * inv_std * gamma[ch] \
+                    + beta[ch]
+    return y
+
+
+def batchnorm_backward(dy, x, gamma, mean, var, eps):
+    """With M = N * L and xhat = (x - mean) / sqrt(var + eps), per channel ch:
+    dbeta[ch] = sum dy[n, ch, k];  dgamma[ch] = sum dy[n, ch, k] * xhat[n, ch, k];
+    dx[n, ch, k] = gamma[ch] / sqrt(var[ch] + eps)
+                   * (dy[n, ch, k] - dbeta[ch] / M - xhat[n, ch, k] * dgamma[ch] / M)."""
+    eps = c.check_batchnorm_backward(dy, x, gamma, mean, var, eps)
+    N, C, L = x.shape
+    M = N * L
+    dx = np.zeros_like(x)
+    dgamma = np.zeros(C, x.dtype)
+    dbeta = np.zeros(C, x.dtype)
+    for ch in range(C):
+        inv_std = 1 / math.sqrt(float(var[ch]) + eps)
+        sum_dy = sum_dy_xhat = 0.0
+        for n in range(N):
+            for k in range(L):
+                xhat = (float(x[n, ch, k]) - float(mean[ch])) * inv_std
+                sum_dy += float(dy[n, ch, k])
+                sum_dy_xhat += float(dy[n, ch, k]) * xhat
+        dbeta[ch], dgamma[ch] = sum_dy, sum_dy_xhat
+        for n in range(N):
+            for k in range(L):
+                xhat = (float(x[n, ch, k]) - float(mean[ch])) * inv_std
+                dx[n, ch, k] = float(gamma[ch]) * inv_std * (
+                    float(dy[n, ch, k]) - sum_dy / M - xhat * sum_dy_xhat / M)
+    return dx, dgamma, dbeta

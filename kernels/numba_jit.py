@@ -768,3 +768,128 @@ def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, decouple
     kernel(param.reshape(-1), np.ascontiguousarray(grad).reshape(-1), m.reshape(-1),
            v.reshape(-1), (t(beta1), t(1 - beta1), t(beta2), t(1 - beta2)), t(eps), t(coupled),
            t(decay), t(lr / (1 - beta1**step)), t(1 / np.sqrt(1 - beta2**step)))
+
+
+# -- dropout and batch normalization ----------------------------------------------------------
+
+
+@_parallel
+def _dropout(x, keep, scale, y):
+    for i in prange(x.size):
+        y[i] = x[i] * scale if keep[i] else x[i] * 0  # NOTE: x * 0 keeps a NaN NaN
+
+
+@_serial
+def _dropout_serial(x, keep, scale, y):
+    for i in range(x.size):
+        y[i] = x[i] * scale if keep[i] else x[i] * 0
+
+
+def dropout(x, keep, scale):
+    """y = x * scale where keep, x * 0 elsewhere, in one pass."""
+    scale = c.check_dropout(x, keep, scale)
+    x = np.ascontiguousarray(x)
+    y = np.empty_like(x)
+    kernel = _dropout if x.size >= _PARALLEL_MIN else _dropout_serial
+    kernel(x.reshape(-1), np.ascontiguousarray(keep).reshape(-1), x.dtype.type(scale),
+           y.reshape(-1))
+    return y
+
+
+# NOTE: one channel per task; every sum runs in float64 whatever the arrays' dtype. The forward
+# pass sums x - (the channel's first value) and its square in one read (shifted sums keep the
+# variance accurate when the mean is large), then writes y = x * a + b in a second.
+@_parallel
+def _batchnorm_forward(x, gamma, beta, eps, y, mean, var):
+    N, C, L = x.shape
+    M = N * L
+    for ch in prange(C):
+        shift = float(x[0, ch, 0])
+        s = 0.0
+        ss = 0.0
+        for n in range(N):
+            row = x[n, ch]
+            for k in range(L):
+                d = float(row[k]) - shift
+                s += d
+                ss += d * d
+        mu = shift + s / M
+        v = max(ss / M - (s / M) ** 2, 0.0)
+        mean[ch] = mu
+        var[ch] = v
+        _batchnorm_affine(x, ch, gamma[ch] / np.sqrt(v + eps), mu, beta[ch], y)
+
+
+@_inlined
+def _batchnorm_affine(x, ch, a64, mu, beta, y):
+    """y[:, ch] = (x[:, ch] - mu) * a + beta, as x * a + b in x's dtype."""
+    a = y.dtype.type(a64)
+    b = y.dtype.type(beta - mu * a64)
+    for n in range(x.shape[0]):
+        row, out = x[n, ch], y[n, ch]
+        for k in range(x.shape[2]):
+            out[k] = row[k] * a + b
+
+
+@_parallel
+def _batchnorm_inference(x, gamma, beta, mean, var, eps, y):
+    for ch in prange(x.shape[1]):
+        _batchnorm_affine(x, ch, gamma[ch] / np.sqrt(float(var[ch]) + eps), float(mean[ch]),
+                          float(beta[ch]), y)
+
+
+@_parallel
+def _batchnorm_backward(dy, x, gamma, mean, var, eps, dx, dgamma, dbeta):
+    N, C, L = x.shape
+    M = N * L
+    for ch in prange(C):
+        mu = float(mean[ch])
+        inv = 1 / np.sqrt(float(var[ch]) + eps)
+        sdy = 0.0
+        sdyx = 0.0
+        for n in range(N):
+            g, row = dy[n, ch], x[n, ch]
+            for k in range(L):
+                sdy += g[k]
+                sdyx += float(g[k]) * (float(row[k]) - mu)
+        dbeta[ch] = sdy
+        dgamma[ch] = sdyx * inv
+        # dx = gamma inv (dy - sdy / M - xhat * dgamma / M) = dy * c1 - x * c3 + (mu c3 - c2)
+        c1 = float(gamma[ch]) * inv
+        c3 = c1 * inv * inv * sdyx / M
+        c0 = mu * c3 - c1 * sdy / M
+        t = dx.dtype.type
+        a, b, d = t(c1), t(c3), t(c0)
+        for n in range(N):
+            g, row, out = dy[n, ch], x[n, ch], dx[n, ch]
+            for k in range(L):
+                out[k] = g[k] * a - row[k] * b + d
+
+
+def batchnorm_forward(x, gamma, beta, eps):
+    """(y, mean, var) of batch normalization over axes 0 and 2 of x (N, C, L)."""
+    eps = c.check_batchnorm(x, gamma, beta, eps)
+    x = np.ascontiguousarray(x)
+    y = np.empty_like(x)
+    mean, var = np.empty(x.shape[1], x.dtype), np.empty(x.shape[1], x.dtype)
+    _batchnorm_forward(x, gamma, beta, eps, y, mean, var)
+    return y, mean, var
+
+
+def batchnorm_inference(x, gamma, beta, mean, var, eps):
+    """y = (x - mean) / sqrt(var + eps) * gamma + beta per channel of x (N, C, L)."""
+    eps = c.check_batchnorm(x, gamma, beta, eps, (("mean", mean), ("var", var)))
+    x = np.ascontiguousarray(x)
+    y = np.empty_like(x)
+    _batchnorm_inference(x, gamma, beta, mean, var, eps, y)
+    return y
+
+
+def batchnorm_backward(dy, x, gamma, mean, var, eps):
+    """(dx, dgamma, dbeta) of batchnorm_forward, one channel per task."""
+    eps = c.check_batchnorm_backward(dy, x, gamma, mean, var, eps)
+    x = np.ascontiguousarray(x)
+    dx = np.empty_like(x)
+    dgamma, dbeta = np.empty(x.shape[1], x.dtype), np.empty(x.shape[1], x.dtype)
+    _batchnorm_backward(np.ascontiguousarray(dy), x, gamma, mean, var, eps, dx, dgamma, dbeta)
+    return dx, dgamma, dbeta

@@ -182,3 +182,41 @@ def adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, decouple
     denom = np.sqrt(v) / t(np.sqrt(1 - beta2**step))
     denom += t(eps)
     param -= t(lr / (1 - beta1**step)) * m / denom
+
+
+def dropout(x, keep, scale):
+    """y = x * scale where keep, x * 0 elsewhere."""
+    scale = c.check_dropout(x, keep, scale)
+    return x * np.where(keep, x.dtype.type(scale), x.dtype.type(0))
+
+
+def batchnorm_forward(x, gamma, beta, eps):
+    """Batch statistics per channel over axes 0 and 2 (in float64), then the affine map."""
+    eps = c.check_batchnorm(x, gamma, beta, eps)
+    mean = x.mean(axis=(0, 2), dtype=np.float64)
+    var = ((x - mean[:, None].astype(x.dtype)) ** 2).mean(axis=(0, 2), dtype=np.float64)
+    mean, var = mean.astype(x.dtype), var.astype(x.dtype)
+    return batchnorm_inference(x, gamma, beta, mean, var, eps), mean, var
+
+
+def batchnorm_inference(x, gamma, beta, mean, var, eps):
+    """y = x * a + b per channel, a = gamma / sqrt(var + eps), b = beta - mean * a."""
+    eps = c.check_batchnorm(x, gamma, beta, eps, (("mean", mean), ("var", var)))
+    a = (gamma / np.sqrt(var.astype(np.float64) + eps)).astype(x.dtype)
+    b = (beta - mean * a).astype(x.dtype)
+    return x * a[:, None] + b[:, None]
+
+
+def batchnorm_backward(dy, x, gamma, mean, var, eps):
+    """dbeta = sum dy, dgamma = sum dy * xhat, dx = gamma * inv_std * (dy - dbeta / M -
+    xhat * dgamma / M), per channel."""
+    eps = c.check_batchnorm_backward(dy, x, gamma, mean, var, eps)
+    m = x.shape[0] * x.shape[2]
+    inv_std = (1 / np.sqrt(var.astype(np.float64) + eps)).astype(x.dtype)[:, None]
+    xhat = (x - mean[:, None]) * inv_std
+    dbeta = dy.sum(axis=(0, 2), dtype=np.float64)
+    dgamma = (dy * xhat).sum(axis=(0, 2), dtype=np.float64)
+    t = x.dtype.type
+    dx = (gamma[:, None] * inv_std) * (dy - t(1 / m) * dbeta.astype(x.dtype)[:, None]
+                                       - xhat * (t(1 / m) * dgamma.astype(x.dtype)[:, None]))
+    return dx, dgamma.astype(x.dtype), dbeta.astype(x.dtype)

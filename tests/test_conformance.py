@@ -362,3 +362,48 @@ def test_optimizer_updates_agree_with_naive(fast, rng, dtype, size, kind):
     assert not np.allclose(results[0][0], p0)
     for got, want in zip(results[1], results[0], strict=True):
         np.testing.assert_allclose(got, want, **tol(dtype))
+
+
+BN_SHAPES = [(4, 3, 10), (2, 5, 1), (64, 3, 1), (1, 2, 37), (3, 1, 4)]
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=case_id)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batchnorm_agrees_with_naive(fast, rng, shape, dtype):
+    x = (rng.standard_normal(shape) * 3 + 5).astype(dtype)  # a mean far from 0
+    gamma, beta = (rng.standard_normal(shape[1]).astype(dtype) for _ in range(2))
+    got, want = fast.batchnorm_forward(x, gamma, beta, 1e-5), \
+        NAIVE.batchnorm_forward(x, gamma, beta, 1e-5)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == dtype
+        np.testing.assert_allclose(g, w, **tol(dtype))
+    _, mean, var = want
+    np.testing.assert_allclose(
+        fast.batchnorm_inference(x, gamma, beta, mean, var, 1e-3),
+        NAIVE.batchnorm_inference(x, gamma, beta, mean, var, 1e-3), **tol(dtype))
+    dy = rng.standard_normal(shape).astype(dtype)
+    for g, w in zip(fast.batchnorm_backward(dy, x, gamma, mean, var, 1e-5),
+                    NAIVE.batchnorm_backward(dy, x, gamma, mean, var, 1e-5), strict=True):
+        assert g.dtype == dtype
+        np.testing.assert_allclose(g, w, **tol(dtype))
+
+
+@nan_ok
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batchnorm_and_dropout_keep_nan(fast, rng, dtype):
+    x = poison(rng, rng.standard_normal((4, 3, 6)).astype(dtype))
+    gamma, beta = np.ones(3, dtype), np.zeros(3, dtype)
+    for g, w in zip(fast.batchnorm_forward(x, gamma, beta, 1e-5),
+                    NAIVE.batchnorm_forward(x, gamma, beta, 1e-5), strict=True):
+        assert_nan_rule(g, w, dtype, "batchnorm")
+    keep = rng.random(x.shape) < 0.5
+    np.testing.assert_array_equal(fast.dropout(x, keep, 2.0), NAIVE.dropout(x, keep, 2.0))
+    assert np.isnan(NAIVE.dropout(x, np.zeros(x.shape, bool), 2.0)[np.isnan(x)]).all()
+
+
+@pytest.mark.parametrize("size", [(3, 4, 5), (1 << 17) + 7])  # numba: one thread, and parallel
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dropout_agrees_with_naive(fast, rng, size, dtype):
+    x = rng.standard_normal(size).astype(dtype)
+    keep = rng.random(size) < 0.7
+    np.testing.assert_array_equal(fast.dropout(x, keep, 1 / 0.7), NAIVE.dropout(x, keep, 1 / 0.7))

@@ -3,7 +3,17 @@
 import numpy as np
 import pytest
 
-from fastcnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, SoftmaxCrossEntropy
+from fastcnn import (
+    BatchNorm1D,
+    BatchNorm2D,
+    Conv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    MaxPool2D,
+    ReLU,
+    SoftmaxCrossEntropy,
+)
 from fastcnn.models import simple_cnn
 
 from reference import numeric_grad
@@ -103,3 +113,27 @@ def test_whole_network_gradient(fast_backend_name, rng):
                 down = loss()
                 flat[i] = old
                 assert grad[i] == pytest.approx((up - down) / 2e-6, rel=1e-5, abs=1e-8)
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (lambda: BatchNorm2D(3, dtype=F64), (4, 3, 3, 2)),
+    (lambda: BatchNorm2D(2, eps=1e-3, dtype=F64), (1, 2, 5, 5)),
+    (lambda: BatchNorm1D(5, dtype=F64), (6, 5)),
+])
+def test_batchnorm_gradients_in_training_mode(backend_name, rng, layer, shape):
+    """Through the batch statistics (each x moves every output of its channel)."""
+    bn = layer()
+    bn.params["weight"][:] = rng.standard_normal(bn.channels)
+    bn.params["bias"][:] = rng.standard_normal(bn.channels)
+    check_layer(bn, rng.standard_normal(shape) * 2 + 1, rng)
+
+
+def test_dropout_gradient_with_its_mask_held(backend_name, rng):
+    drop = Dropout(0.4, rng=7)
+    x = rng.standard_normal((3, 4, 5))
+    y = drop.forward(x)
+    keep = drop._keep
+    assert 0 < keep.mean() < 1
+    np.testing.assert_allclose(y, np.where(keep, x / 0.6, 0))
+    g = rng.standard_normal(y.shape)
+    np.testing.assert_allclose(drop.backward(g), np.where(keep, g / 0.6, 0))
