@@ -7,35 +7,13 @@ forward -> loss -> backward -> gradient hook -> optimizer step (see ``train_step
 from __future__ import annotations
 
 import contextlib
-import sys
-import time
 
 import numpy as np
 
 from . import serialize
 from .kernels import _contract
 from .layers import Layer, SoftmaxCrossEntropy
-from .optim import SGD, Optimizer, Schedule
-
-# Divergence: a loss that grows past DIVERGENCE_FACTOR times where it started (at least chance
-# level, ln K for K classes) is divergence, not a bad batch. Batch losses are smoothed first
-# (an exponential moving average with this weight on the newest) so one hard batch is not.
-DIVERGENCE_FACTOR = 10.0
-_SMOOTHING = 0.1
-# Image values this large (in absolute value) are named when a loss goes wrong: float images
-# are used as given, and 0..255 floats are the usual mistake.
-_LARGE_PIXEL = 100.0
-
-
-class TrainingDiverged(FloatingPointError):
-    """The training loss became NaN or infinite, or grew far past where it started.
-
-    ``epoch`` and ``batch`` (1-based) say where; ``loss`` is the offending value.
-    """
-
-    def __init__(self, message, epoch, batch, loss):
-        super().__init__(message)
-        self.epoch, self.batch, self.loss = epoch, batch, loss
+from .training import TrainingDiverged, fit_network, pixel_note  # noqa: F401 (re-exported)
 
 
 class ConvNet:
@@ -245,7 +223,8 @@ class ConvNet:
     # -- training and evaluation --------------------------------------------------------------
 
     def fit(self, x, y, epochs=1, batch_size=10, lr=None, validation_data=None, shuffle=True,
-            seed=None, verbose=False, optimizer=None, schedule=None):
+            seed=None, verbose=False, optimizer=None, schedule=None, checkpoint=None,
+            resume=None, early_stopping=None):
         """Train in training mode; returns the per-epoch history (lists keyed by metric).
 
         x: (N, C, H, W) uint8 (scaled by 1/255 per batch) or float images; y: (N,) int labels.
@@ -255,6 +234,13 @@ class ConvNet:
         start. Validation runs in inference mode; the network is left in inference mode.
         verbose: a tqdm progress bar per epoch and one line per epoch on stdout.
 
+        checkpoint: a path written atomically after every epoch (and, on Ctrl-C, at the next
+        batch boundary) with the model, optimizer state, schedule position, epoch, random
+        states and history. resume: a checkpoint to continue from, with the same data and
+        network: the run ends with exactly the weights of one left alone (``epochs`` is the
+        total). early_stopping: a patience in epochs: stop when the validation loss has not
+        improved for that many, and keep the best weights (needs validation_data).
+
         Everything is checked before the first batch: images holding NaN or inf are a ValueError
         naming their indices. Training that goes wrong stops with ``TrainingDiverged`` (a
         FloatingPointError): a NaN or infinite loss, a smoothed loss grown past
@@ -262,83 +248,10 @@ class ConvNet:
         epoch, or a first-batch loss that far above chance level before any update (then the
         message blames the images or the initial weights, not the learning rate).
         """
-        epochs = _contract.check_int("epochs", epochs, 1)
-        batch_size = _contract.check_int("batch_size", batch_size, 1)
-        if optimizer is None:
-            optimizer = SGD(0.05 if lr is None else lr)
-        elif not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer must be a fastcnn.optim optimizer, got "
-                            f"{type(optimizer).__name__}")
-        elif lr is not None:
-            raise ValueError("give the learning rate to the optimizer, not to fit (lr=...)")
-        if schedule is not None and not isinstance(schedule, Schedule):
-            raise TypeError(f"schedule must be a fastcnn.optim schedule, got "
-                            f"{type(schedule).__name__}")
-        self._check_data(x, y)
-        if validation_data is not None:
-            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
-                got = (f"a {len(validation_data)}-tuple" if isinstance(validation_data,
-                                                                      (tuple, list))
-                       else type(validation_data).__name__)
-                raise ValueError(f"validation_data must be a pair (x_val, y_val), got {got}")
-            self._check_data(*validation_data, what="validation_data")
-        self._check_parameters()
-        rng = np.random.default_rng(seed)
-        keys = ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds",
-                "images_per_second")
-        history = {k: [] for k in keys}
-        watch = _DivergenceWatch(self.num_classes(), optimizer)
-        steps = 0
-        for epoch in range(1, epochs + 1):
-            order = rng.permutation(len(x)) if shuffle else None
-            bar = _progress(len(x), f"epoch {epoch}/{epochs}", verbose)
-            start = time.perf_counter()
-            total_loss = correct = seen = 0
-            self.train()
-            for b, (idx, xb) in enumerate(self._batches(x, batch_size, order)):
-                yb = y[idx]
-                if schedule is not None:
-                    at = epoch - 1 if schedule.per == "epoch" else steps
-                    optimizer.lr = optimizer.base_lr * schedule.factor(at)
-                if b == 0:
-                    history["lr"].append(optimizer.lr)
-                loss, logits = self.train_step(xb, yb, optimizer)
-                steps += 1
-                try:
-                    watch.check(loss, epoch, b + 1, xb)
-                except TrainingDiverged:
-                    bar.close()
-                    raise
-                total_loss += loss * len(idx)
-                correct += int(np.count_nonzero(logits.argmax(axis=1) == yb))
-                seen += len(idx)
-                bar.update(len(idx))
-                if b % 20 == 0:
-                    bar.set_postfix(loss=f"{total_loss / seen:.4f}", refresh=False)
-            bar.close()
-            bad = self._nonfinite_parameters()
-            if bad:  # the last step of the epoch may have blown up after its loss was taken
-                raise TrainingDiverged(
-                    f"training diverged at the end of epoch {epoch}: the parameters of {bad} are "
-                    f"no longer finite; {watch.advice}", epoch, b + 1, float("nan"))
-            seconds = time.perf_counter() - start
-            history["loss"].append(total_loss / seen)
-            history["accuracy"].append(correct / seen)
-            history["seconds"].append(seconds)
-            history["images_per_second"].append(seen / seconds)
-            self.eval()
-            if validation_data is not None:
-                val = self._evaluate(*validation_data, batch_size=64)
-                history["val_loss"].append(val["loss"])
-                history["val_accuracy"].append(val["accuracy"])
-            if verbose:
-                line = (f"epoch {epoch}/{epochs}: loss {history['loss'][-1]:.4f}  "
-                        f"train acc {history['accuracy'][-1]:.2%}")
-                if validation_data is not None:
-                    line += f"  val acc {history['val_accuracy'][-1]:.2%}"
-                line += f"  {seconds:.1f} s ({seen / seconds:,.0f} img/s)"
-                print(line, flush=True)
-        return history
+        return fit_network(self, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
+                           validation_data=validation_data, shuffle=shuffle, seed=seed,
+                           verbose=verbose, optimizer=optimizer, schedule=schedule,
+                           checkpoint=checkpoint, resume=resume, early_stopping=early_stopping)
 
     def predict_proba(self, x, batch_size=64):
         """Class probabilities (N, K) for images x: uint8 (scaled by 1/255) or finite floats."""
@@ -384,7 +297,7 @@ class ConvNet:
             raise FloatingPointError(
                 f"the model's outputs are not finite for {int(rows.sum())} images of a batch "
                 f"(the first at index {first}): its weights overflow on these images"
-                f"{_pixel_note(xb)}")
+                f"{pixel_note(xb)}")
         return logits
 
     def _nonfinite_parameters(self):
@@ -424,67 +337,3 @@ def _nonfinite_images(x, chunk=4096):
     return bad
 
 
-def _pixel_note(xb):
-    """A hint when a batch's values are far outside [0, 1] (uint8 batches are already scaled)."""
-    top = float(np.max(np.abs(xb))) if xb.size else 0.0
-    if top <= _LARGE_PIXEL:
-        return ""
-    return (f"; the images' values reach {top:.3g}: float images are used as given, so scale "
-            f"them to about [0, 1] (uint8 images are scaled for you)")
-
-
-class _DivergenceWatch:
-    """Decides, batch by batch, whether training has gone wrong, and says what to do."""
-
-    def __init__(self, classes, optimizer):
-        self.chance = float(np.log(classes)) if classes > 1 else 1.0
-        self.classes = classes
-        self.start = self.smooth = None
-        self.optimizer = optimizer
-
-    @property
-    def advice(self):
-        return f"try a smaller learning rate than lr={self.optimizer.lr:g}"
-
-    def check(self, loss, epoch, batch, xb):
-        first = self.start is None
-        where = f"epoch {epoch}, batch {batch}"
-        chance = f"chance level for {self.classes} classes is ln {self.classes} = {self.chance:.2f}"
-        if first:
-            if not np.isfinite(loss) or loss > DIVERGENCE_FACTOR * max(self.chance, 1.0):
-                raise TrainingDiverged(
-                    f"the loss on the first batch, before any update, is {loss:.4g} ({chance}), "
-                    f"so the learning rate is not the cause: the images or the model's initial "
-                    f"weights are far off{_pixel_note(xb)}", epoch, batch, loss)
-            self.start = self.smooth = max(loss, self.chance)
-            return
-        if not np.isfinite(loss):
-            raise TrainingDiverged(
-                f"training diverged: the loss became {loss} at {where}; "
-                f"{self.advice}{_pixel_note(xb)}", epoch, batch, loss)
-        self.smooth += _SMOOTHING * (loss - self.smooth)
-        if self.smooth > DIVERGENCE_FACTOR * self.start:
-            raise TrainingDiverged(
-                f"training diverged: the loss grew to {self.smooth:.4g} (smoothed over recent "
-                f"batches) at {where}, from {self.start:.4g} at the start ({chance}); "
-                f"{self.advice}{_pixel_note(xb)}", epoch, batch, loss)
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def set_postfix(self, **kw):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total, desc, verbose):
-    if not verbose:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", leave=False, file=sys.stderr,
-                dynamic_ncols=True, mininterval=0.25)

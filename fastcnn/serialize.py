@@ -36,6 +36,8 @@ MAX_ARCHITECTURE_BYTES = 1 << 20
 MAX_INPUT_VALUES = 1 << 28  # values in one input image (C * H * W): 1 GB of float32
 # Deflate cannot expand more than about 1032:1; a member claiming more is not a real one.
 _DEFLATE_MAX_RATIO = 1032
+# Members a checkpoint adds (fastcnn.training), which loading it as a model skips.
+CHECKPOINT_MEMBERS = ("optimizer.", "best.", "order.npy")
 _NPY_HEADER_MAX = 1 << 16
 
 
@@ -106,6 +108,9 @@ def _load(cls, path, read_extra):
                     for key in layer_specs}
         others = {name: info for name, info in members.items()
                   if name not in expected and name != "architecture.npy"}
+        if read_extra is None and "checkpoint" in arch:  # a checkpoint is a model file too
+            others = {name: info for name, info in others.items()
+                      if not name.startswith(CHECKPOINT_MEMBERS)}
         if read_extra is None and others:
             raise _Bad(f"it holds members the architecture does not name: "
                        f"{', '.join(sorted(others)[:5])}")

@@ -1,0 +1,409 @@
+"""The training loop behind ``ConvNet.fit``: batches, the optimizer and schedule, divergence,
+validation, early stopping, and checkpoints that a run can be resumed from exactly.
+
+A checkpoint is a model file (version 2) whose architecture record also holds a "checkpoint"
+entry (epoch, batch within the epoch, step count, optimizer record, schedule, random generator
+states, the history so far, the divergence watch, early stopping's state, a fingerprint of the
+training data) and whose extra members hold the optimizer's state ("optimizer.<param>.<key>"),
+the epoch's order when it was written mid-epoch ("order"), and early stopping's best weights
+("best.<name>"). ``ConvNet.load`` reads it as the model it holds (``fastcnn evaluate`` works
+on a checkpoint); ``load_checkpoint`` reads the rest too.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+import zlib
+
+import numpy as np
+
+from . import atomic, serialize
+from .kernels import _contract
+from .optim import SGD, Optimizer, Schedule, optimizer_from_record, schedule_from_config
+
+# Divergence: a loss that grows past DIVERGENCE_FACTOR times where it started (at least chance
+# level, ln K for K classes) is divergence, not a bad batch. Batch losses are smoothed first
+# (an exponential moving average with this weight on the newest) so one hard batch is not.
+DIVERGENCE_FACTOR = 10.0
+_SMOOTHING = 0.1
+# Image values this large (in absolute value) are named when a loss goes wrong: float images
+# are used as given, and 0..255 floats are the usual mistake.
+_LARGE_PIXEL = 100.0
+
+
+class TrainingDiverged(FloatingPointError):
+    """The training loss became NaN or infinite, or grew far past where it started.
+
+    ``epoch`` and ``batch`` (1-based) say where; ``loss`` is the offending value.
+    """
+
+    def __init__(self, message, epoch, batch, loss):
+        super().__init__(message)
+        self.epoch, self.batch, self.loss = epoch, batch, loss
+
+
+
+
+def pixel_note(xb):
+    """A hint when a batch's values are far outside [0, 1] (uint8 batches are already scaled)."""
+    top = float(np.max(np.abs(xb))) if xb.size else 0.0
+    if top <= _LARGE_PIXEL:
+        return ""
+    return (f"; the images' values reach {top:.3g}: float images are used as given, so scale "
+            f"them to about [0, 1] (uint8 images are scaled for you)")
+
+
+class _DivergenceWatch:
+    """Decides, batch by batch, whether training has gone wrong, and says what to do."""
+
+    def __init__(self, classes, optimizer):
+        self.chance = float(np.log(classes)) if classes > 1 else 1.0
+        self.classes = classes
+        self.start = self.smooth = None
+        self.optimizer = optimizer
+
+    @property
+    def advice(self):
+        return f"try a smaller learning rate than lr={self.optimizer.lr:g}"
+
+    def state(self):
+        return {"start": self.start, "smooth": self.smooth}
+
+    def restore(self, state):
+        self.start, self.smooth = state["start"], state["smooth"]
+
+    def check(self, loss, epoch, batch, xb):
+        first = self.start is None
+        where = f"epoch {epoch}, batch {batch}"
+        chance = f"chance level for {self.classes} classes is ln {self.classes} = {self.chance:.2f}"
+        if first:
+            if not np.isfinite(loss) or loss > DIVERGENCE_FACTOR * max(self.chance, 1.0):
+                raise TrainingDiverged(
+                    f"the loss on the first batch, before any update, is {loss:.4g} ({chance}), "
+                    f"so the learning rate is not the cause: the images or the model's initial "
+                    f"weights are far off{pixel_note(xb)}", epoch, batch, loss)
+            self.start = self.smooth = max(loss, self.chance)
+            return
+        if not np.isfinite(loss):
+            raise TrainingDiverged(
+                f"training diverged: the loss became {loss} at {where}; "
+                f"{self.advice}{pixel_note(xb)}", epoch, batch, loss)
+        self.smooth += _SMOOTHING * (loss - self.smooth)
+        if self.smooth > DIVERGENCE_FACTOR * self.start:
+            raise TrainingDiverged(
+                f"training diverged: the loss grew to {self.smooth:.4g} (smoothed over recent "
+                f"batches) at {where}, from {self.start:.4g} at the start ({chance}); "
+                f"{self.advice}{pixel_note(xb)}", epoch, batch, loss)
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total, desc, verbose):
+    if not verbose:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", leave=False, file=sys.stderr,
+                dynamic_ncols=True, mininterval=0.25)
+
+
+HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds",
+                "images_per_second")
+
+
+def _fingerprint(x, y):
+    """What identifies the training data cheaply: its size and the labels' CRC-32."""
+    return {"n": int(len(x)), "shape": list(x.shape[1:]), "dtype": str(x.dtype),
+            "labels_crc32": zlib.crc32(np.ascontiguousarray(y, dtype=np.int64).tobytes())}
+
+
+class _Interrupts:
+    """While active (main thread only), the first Ctrl-C sets a flag that the loop checks at
+    the next batch boundary, where a consistent checkpoint can be written; a second Ctrl-C
+    interrupts at once."""
+
+    def __init__(self, enabled):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if self.enabled:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self._old)  # the next Ctrl-C is the ordinary one
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+class Trainer:
+    """One ``fit`` call's state; everything a checkpoint must hold to resume exactly."""
+
+    def __init__(self, net, x, y, epochs, batch_size, optimizer, schedule, validation_data,
+                 shuffle, seed, early_stopping):
+        self.net, self.x, self.y = net, x, y
+        self.epochs, self.batch_size = epochs, batch_size
+        self.optimizer, self.schedule = optimizer, schedule
+        self.validation_data, self.shuffle = validation_data, shuffle
+        self.patience = early_stopping
+        self.rng = np.random.default_rng(seed)
+        self.history = {k: [] for k in HISTORY_KEYS}
+        self.watch = _DivergenceWatch(net.num_classes(), optimizer)
+        self.epoch = 0  # epochs completed
+        self.batch = 0  # batches completed in the epoch under way
+        self.steps = 0  # optimizer steps in this run
+        self.order = None
+        self.partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+        self.best = None  # early stopping: {"loss", "epoch", "arrays"}
+        self.stopped_early = False
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self, verbose, checkpoint):
+        net, x, y = self.net, self.x, self.y
+        n = len(x)
+        batches = -(-n // self.batch_size)
+        buf = np.empty((min(self.batch_size, n),) + x.shape[1:], net.dtype)
+        with _Interrupts(checkpoint is not None) as interrupts:
+            while self.epoch < self.epochs and not self.stopped_early:
+                epoch = self.epoch + 1
+                if self.batch == 0:
+                    self.order = self.rng.permutation(n) if self.shuffle else np.arange(n)
+                    self.partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+                bar = _progress(n, f"epoch {epoch}/{self.epochs}", verbose)
+                bar.update(self.partial["seen"])
+                start = time.perf_counter()
+                net.train()
+                try:
+                    for b in range(self.batch, batches):
+                        if interrupts.requested:
+                            self.partial["seconds"] += time.perf_counter() - start
+                            self._interrupted(checkpoint)
+                        idx = self.order[b * self.batch_size : (b + 1) * self.batch_size]
+                        xb = net._batch(x, idx, buf)
+                        yb = y[idx]
+                        if self.schedule is not None:
+                            at = self.epoch if self.schedule.per == "epoch" else self.steps
+                            self.optimizer.lr = self.optimizer.base_lr * self.schedule.factor(at)
+                        if b == 0:
+                            self.history["lr"].append(self.optimizer.lr)
+                        loss, logits = net.train_step(xb, yb, self.optimizer)
+                        self.watch.check(loss, epoch, b + 1, xb)
+                        self.steps += 1
+                        self.batch = b + 1
+                        p = self.partial
+                        p["loss"] += loss * len(idx)
+                        p["correct"] += int(np.count_nonzero(logits.argmax(axis=1) == yb))
+                        p["seen"] += len(idx)
+                        bar.update(len(idx))
+                        if b % 20 == 0:
+                            bar.set_postfix(loss=f"{p['loss'] / p['seen']:.4f}", refresh=False)
+                finally:
+                    bar.close()
+                self.partial["seconds"] += time.perf_counter() - start
+                self._end_epoch(epoch, verbose)
+                if checkpoint is not None:
+                    self.save(checkpoint)
+        if self.best is not None and self.best["epoch"] != self.epoch:
+            for name, a in _named_arrays(net):
+                a[...] = self.best["arrays"][name]
+        net.eval()
+        history = dict(self.history)
+        if self.patience is not None:
+            history["best_epoch"] = self.best["epoch"] if self.best else None
+            history["stopped_epoch"] = self.epoch if self.stopped_early else None
+        return history
+
+    def _end_epoch(self, epoch, verbose):
+        net, h, p = self.net, self.history, self.partial
+        bad = net._nonfinite_parameters()
+        if bad:  # the last step of the epoch may have blown up after its loss was taken
+            raise TrainingDiverged(
+                f"training diverged at the end of epoch {epoch}: the parameters of {bad} are "
+                f"no longer finite; {self.watch.advice}", epoch, self.batch, float("nan"))
+        h["loss"].append(p["loss"] / p["seen"])
+        h["accuracy"].append(p["correct"] / p["seen"])
+        h["seconds"].append(p["seconds"])
+        h["images_per_second"].append(p["seen"] / max(p["seconds"], 1e-9))
+        net.eval()
+        if self.validation_data is not None:
+            val = net._evaluate(*self.validation_data, batch_size=64)
+            h["val_loss"].append(val["loss"])
+            h["val_accuracy"].append(val["accuracy"])
+        self.epoch, self.batch, self.order = epoch, 0, None
+        note = ""
+        if self.patience is not None:
+            if self.best is None or h["val_loss"][-1] < self.best["loss"]:
+                self.best = {"loss": h["val_loss"][-1], "epoch": epoch,
+                             "arrays": {k: a.copy() for k, a in _named_arrays(net)}}
+            elif epoch - self.best["epoch"] >= self.patience:
+                self.stopped_early = True
+                note = (f"  (stopping: no better validation loss for {self.patience} epochs; "
+                        f"keeping epoch {self.best['epoch']}'s weights)")
+        if verbose:
+            line = (f"epoch {epoch}/{self.epochs}: loss {h['loss'][-1]:.4f}  "
+                    f"train acc {h['accuracy'][-1]:.2%}")
+            if self.validation_data is not None:
+                line += f"  val loss {h['val_loss'][-1]:.4f}  val acc {h['val_accuracy'][-1]:.2%}"
+            line += f"  {p['seconds']:.1f} s ({p['seen'] / max(p['seconds'], 1e-9):,.0f} img/s)"
+            print(line + note, flush=True)
+
+    def _interrupted(self, checkpoint):
+        self.save(checkpoint)
+        print(f"interrupted: wrote a checkpoint to {checkpoint} (epoch {self.epoch + 1}, after "
+              f"batch {self.batch}); continue with resume={str(checkpoint)!r} "
+              f"(fastcnn train --resume {checkpoint})", file=sys.stderr, flush=True)
+        raise KeyboardInterrupt
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def save(self, path):
+        net = self.net
+        record, opt_arrays = self.optimizer.state_dict()
+        layer_rngs = {str(i): layer.rng.bit_generator.state for i, layer in enumerate(net.layers)
+                      if getattr(layer, "rng", None) is not None}
+        state = {
+            "epoch": self.epoch, "batch": self.batch, "steps": self.steps,
+            "epochs": self.epochs, "batch_size": self.batch_size, "shuffle": self.shuffle,
+            "optimizer": record,
+            "schedule": None if self.schedule is None else {
+                "type": type(self.schedule).__name__, **self.schedule.config()},
+            "rng": self.rng.bit_generator.state, "layer_rngs": layer_rngs,
+            "history": self.history, "partial": self.partial, "watch": self.watch.state(),
+            "patience": self.patience, "stopped_early": self.stopped_early,
+            "best": None if self.best is None else {"loss": self.best["loss"],
+                                                   "epoch": self.best["epoch"]},
+            "data": _fingerprint(self.x, self.y),
+        }
+        arrays = serialize.model_arrays(net, {"checkpoint": state})
+        arrays.update({f"optimizer.{k}": a for k, a in opt_arrays.items()})
+        if self.order is not None and self.batch:
+            arrays["order"] = self.order
+        if self.best is not None:
+            arrays.update({f"best.{k}": a for k, a in self.best["arrays"].items()})
+        serialize.check_destination(path)
+        atomic.atomic_write(path, lambda f: np.savez(f, **arrays))
+
+    def restore(self, path, state, arrays):
+        """Continue from a checkpoint read by ``load_checkpoint``."""
+        net = self.net
+        if state["data"] != _fingerprint(self.x, self.y):
+            raise ValueError(f"{path} was written while training on other data "
+                             f"({state['data']['n']} images); resume with the same x and y")
+        if state["batch_size"] != self.batch_size or state["shuffle"] != self.shuffle:
+            raise ValueError(f"{path} was written with batch_size={state['batch_size']}, "
+                             f"shuffle={state['shuffle']}; resume with the same")
+        self.optimizer.load_state_dict(state["optimizer"],
+                                       {k[len("optimizer."):]: a for k, a in arrays.items()
+                                        if k.startswith("optimizer.")})
+        self.epoch, self.batch, self.steps = state["epoch"], state["batch"], state["steps"]
+        self.rng.bit_generator.state = state["rng"]
+        for i, rng_state in state["layer_rngs"].items():
+            net.layers[int(i)].rng.bit_generator.state = rng_state
+        self.history = {k: list(state["history"].get(k, [])) for k in HISTORY_KEYS}
+        self.partial = dict(state["partial"])
+        self.watch.restore(state["watch"])
+        self.stopped_early = state["stopped_early"]
+        if self.batch:
+            self.order = arrays["order"]
+        if state["best"] is not None:
+            self.best = {**state["best"], "arrays": {k[len("best."):]: a for k, a in
+                                                     arrays.items() if k.startswith("best.")}}
+
+
+def _named_arrays(net):
+    """Every parameter and buffer, by name: what early stopping keeps."""
+    yield from ((name, p) for name, p, _ in net.parameters())
+    yield from net.buffers()
+
+
+def load_checkpoint(path):
+    """(network, state, arrays) from a checkpoint written by ``fit(checkpoint=...)``: the
+    network with its weights and buffers, the "checkpoint" record, and the optimizer, order
+    and best-weights arrays. Every problem is a ValueError naming the file."""
+    from .network import ConvNet
+
+    def read(z, arch, members):
+        state = arch.get("checkpoint")
+        if not isinstance(state, dict):
+            raise ValueError("it is a model file, not a checkpoint (no checkpoint record)")
+        arrays = {}
+        for name, info in members.items():
+            key = name[: -len(".npy")]
+            if not (key == "order" or key.startswith(("optimizer.", "best."))):
+                raise ValueError(f"unexpected member {name!r}")
+            with z.open(info) as f:
+                arrays[key] = np.lib.format.read_array(f, allow_pickle=False)
+        return state, arrays
+
+    net, (state, arrays) = serialize.load(ConvNet, path, extra=read)
+    return net, state, arrays
+
+
+def fit_network(net, x, y, epochs, batch_size, lr, validation_data, shuffle, seed, verbose,
+                optimizer, schedule, checkpoint, resume, early_stopping):
+    """``ConvNet.fit`` (see its docstring)."""
+    epochs = _contract.check_int("epochs", epochs, 1)
+    batch_size = _contract.check_int("batch_size", batch_size, 1)
+    if early_stopping is not None:
+        early_stopping = _contract.check_int("early_stopping", early_stopping, 1)
+        if validation_data is None:
+            raise ValueError("early_stopping watches the validation loss: pass validation_data")
+    state = arrays = None
+    if resume is not None:
+        saved, state, arrays = load_checkpoint(resume)
+        if [type(layer) for layer in saved.layers] != [type(layer) for layer in net.layers] or \
+                [a.shape for _, a in _named_arrays(saved)] != \
+                [a.shape for _, a in _named_arrays(net)]:
+            raise ValueError(f"{resume} holds another architecture than this network's")
+        for (_, a), (_, b) in zip(_named_arrays(net), _named_arrays(saved), strict=True):
+            a[...] = b
+        if optimizer is None and lr is None:
+            optimizer = optimizer_from_record(state["optimizer"])
+        if schedule is None and state["schedule"] is not None:
+            schedule = schedule_from_config(state["schedule"])
+        if early_stopping is None:
+            early_stopping = state["patience"]
+    if optimizer is None:
+        optimizer = SGD(0.05 if lr is None else lr)
+    elif not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a fastcnn.optim optimizer, got "
+                        f"{type(optimizer).__name__}")
+    elif lr is not None:
+        raise ValueError("give the learning rate to the optimizer, not to fit (lr=...)")
+    if schedule is not None and not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a fastcnn.optim schedule, got "
+                        f"{type(schedule).__name__}")
+    net._check_data(x, y)
+    if validation_data is not None:
+        if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+            got = (f"a {len(validation_data)}-tuple" if isinstance(validation_data, (tuple, list))
+                   else type(validation_data).__name__)
+            raise ValueError(f"validation_data must be a pair (x_val, y_val), got {got}")
+        net._check_data(*validation_data, what="validation_data")
+    net._check_parameters()
+    if checkpoint is not None:
+        serialize.check_destination(checkpoint)
+    trainer = Trainer(net, x, y, epochs, batch_size, optimizer, schedule, validation_data,
+                      shuffle, seed, early_stopping)
+    if state is not None:
+        trainer.restore(resume, state, arrays)
+    return trainer.run(verbose, checkpoint)

@@ -1,0 +1,146 @@
+"""Checkpoints: a run stopped (after an epoch, or by Ctrl-C mid-epoch) and resumed ends with
+exactly the weights of the same run left alone; early stopping keeps the best weights."""
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from fastcnn import (
+    BatchNorm1D,
+    BatchNorm2D,
+    Conv2D,
+    ConvNet,
+    Dense,
+    Dropout,
+    Flatten,
+    MaxPool2D,
+    ReLU,
+    optim,
+)
+from fastcnn.training import load_checkpoint
+
+
+def net_with_everything(seed):
+    rng = np.random.default_rng(seed)
+    return ConvNet([Conv2D(1, 4, 3, rng=rng), BatchNorm2D(4), ReLU(), MaxPool2D(2), Flatten(),
+                    Dense(4 * 4 * 4, 16, rng=rng), BatchNorm1D(16), ReLU(), Dropout(0.3, rng=rng),
+                    Dense(16, 5, rng=rng)], input_shape=(1, 8, 8))
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (70, 1, 8, 8), dtype=np.uint8)
+    y = rng.integers(0, 5, 70)
+    return x, y, (x[:20], y[:20])
+
+
+def recipe():
+    return {"optimizer": optim.AdamW(3e-3),
+            "schedule": optim.WarmupThen(5, optim.Cosine(20, per="batch"))}
+
+
+def weights(net):
+    return [a.copy() for _, a, _ in net.parameters()] + [b.copy() for _, b in net.buffers()]
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for u, v in zip(a, b, strict=True):
+        np.testing.assert_array_equal(u, v)
+
+
+def run_whole(data, tmp_path, epochs=4):
+    x, y, val = data
+    net = net_with_everything(1)
+    history = net.fit(x, y, epochs=epochs, batch_size=8, seed=3, validation_data=val,
+                      checkpoint=tmp_path / "whole.npz", **recipe())
+    return net, history
+
+
+def test_resumed_after_an_epoch_ends_with_the_same_weights(data, tmp_path, fast_backend_name):
+    whole, history = run_whole(data, tmp_path)
+    x, y, val = data
+    first = net_with_everything(1)
+    first.fit(x, y, epochs=2, batch_size=8, seed=3, validation_data=val,
+              checkpoint=tmp_path / "part.npz", **recipe())
+    other = net_with_everything(99)  # other initial weights: everything comes from the file
+    resumed = other.fit(x, y, epochs=4, batch_size=8, validation_data=val,
+                        resume=tmp_path / "part.npz")
+    assert_same(weights(other), weights(whole))
+    assert resumed["loss"] == history["loss"] and resumed["lr"] == history["lr"]
+
+
+def test_ctrl_c_mid_epoch_writes_a_checkpoint_that_resumes_exactly(data, tmp_path, capsys):
+    whole, _ = run_whole(data, tmp_path)
+    x, y, val = data
+    net = net_with_everything(1)
+    steps = []
+
+    def ctrl_c_at_step_13(net):
+        steps.append(1)
+        if len(steps) == 13:  # epoch 2, batch 4 (9 batches an epoch)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    net.gradient_hook = ctrl_c_at_step_13
+    with pytest.raises(KeyboardInterrupt):
+        net.fit(x, y, epochs=4, batch_size=8, seed=3, validation_data=val,
+                checkpoint=tmp_path / "ck.npz", **recipe())
+    err = capsys.readouterr().err
+    assert f"wrote a checkpoint to {tmp_path / 'ck.npz'} (epoch 2, after batch 4)" in err
+    _, state, arrays = load_checkpoint(tmp_path / "ck.npz")
+    assert (state["epoch"], state["batch"], state["steps"]) == (1, 4, 13)
+    assert "order" in arrays
+    other = net_with_everything(5)
+    other.fit(x, y, epochs=4, batch_size=8, validation_data=val, resume=tmp_path / "ck.npz")
+    assert_same(weights(other), weights(whole))
+
+
+def test_resume_refuses_other_data_or_another_network(data, tmp_path):
+    x, y, val = data
+    net_with_everything(1).fit(x, y, epochs=1, batch_size=8, checkpoint=tmp_path / "ck.npz")
+    with pytest.raises(ValueError, match="other data"):
+        net_with_everything(1).fit(x[:60], y[:60], epochs=2, batch_size=8,
+                                   resume=tmp_path / "ck.npz")
+    with pytest.raises(ValueError, match="batch_size=8"):
+        net_with_everything(1).fit(x, y, epochs=2, batch_size=4, resume=tmp_path / "ck.npz")
+    small = ConvNet([Flatten(), Dense(64, 5, rng=0)], input_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match="another architecture"):
+        small.fit(x, y, epochs=2, batch_size=8, resume=tmp_path / "ck.npz")
+    net_with_everything(1).save(tmp_path / "model.npz")
+    with pytest.raises(ValueError, match="model.npz is not a valid.*not a checkpoint"):
+        net_with_everything(1).fit(x, y, epochs=2, batch_size=8, resume=tmp_path / "model.npz")
+    assert ConvNet.load(tmp_path / "ck.npz").num_params() == net_with_everything(0).num_params()
+
+
+def test_a_checkpoint_is_written_after_every_epoch_atomically(data, tmp_path):
+    x, y, _ = data
+    net = net_with_everything(1)
+    net.fit(x, y, epochs=2, batch_size=8, checkpoint=tmp_path / "ck.npz")
+    _, state, _ = load_checkpoint(tmp_path / "ck.npz")
+    assert state["epoch"] == 2 and state["batch"] == 0 and len(state["history"]["loss"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.npz"]
+
+
+def test_early_stopping_keeps_the_best_weights(data, tmp_path):
+    x, y, val = data
+    net = net_with_everything(1)
+    kept = {}
+    evaluate = net._evaluate
+
+    def scripted(xv, yv, batch_size):  # validation losses: best at epoch 2, then worse
+        result = evaluate(xv, yv, batch_size)
+        epoch = len(kept) + 1
+        kept[epoch] = weights(net)
+        return {**result, "loss": {1: 3.0, 2: 1.0, 3: 2.0, 4: 2.5, 5: 0.5}[epoch]}
+
+    net._evaluate = scripted
+    history = net.fit(x, y, epochs=8, batch_size=8, validation_data=val, early_stopping=2,
+                      optimizer=optim.Adam(1e-2))
+    assert history["best_epoch"] == 2 and history["stopped_epoch"] == 4
+    assert len(history["loss"]) == 4
+    assert_same(weights(net), kept[2])
+    with pytest.raises(ValueError, match="pass validation_data"):
+        net.fit(x, y, early_stopping=2)
