@@ -17,7 +17,7 @@ from . import __version__
 # that these agree with the modules that define them.
 BACKENDS = ("naive", "numpy", "numba")
 DATASETS = ("mnist-sample", "mnist", "fashion-mnist")
-MODELS = ("simple", "complex")
+MODELS = ("simple", "complex", "modern")
 DEBUG_VAR = "FASTCNN_DEBUG"
 
 
@@ -64,13 +64,60 @@ def _apply_compute_args(args):
               file=sys.stderr, flush=True)
 
 
-def _add_data_args(p):
-    p.add_argument("--dataset", default="mnist-sample", choices=DATASETS,
-                   help="dataset (default: %(default)s, shipped with fastcnn, no network needed)")
+def _add_data_args(p, batch_help):
+    p.add_argument("--dataset", choices=DATASETS,
+                   help="dataset (default: mnist-sample, shipped with fastcnn, no network needed)")
     p.add_argument("--data-dir", help="folder holding <dataset>/ (default: $FASTCNN_DATA or "
                                       "~/.cache/fastcnn)")
     _add_compute_args(p)
-    p.add_argument("--batch-size", type=_positive_int, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=None, help=batch_help)
+
+
+RECIPE_NAMES = ("seed", "modern")
+OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
+SCHEDULE_NAMES = ("constant", "step", "cosine")
+
+
+def _add_training_args(train):
+    r = train.add_argument_group(
+        "recipe", "--recipe sets the defaults of the flags below (seed: simple model, plain SGD "
+                  "0.05, batch 10, 5 epochs; modern: BatchNorm model, AdamW 2e-3 with weight "
+                  "decay 1e-4, batch 64, 5 epochs, a warm-up over the first 3%% of the batches "
+                  "then a cosine decay); "
+                  "any flag given overrides its recipe's value")
+    r.add_argument("--recipe", default="seed", choices=RECIPE_NAMES,
+                   help="the defaults to start from (default: %(default)s)")
+    r.add_argument("--model", choices=MODELS,
+                   help="simple and complex: the seed's two CNNs; modern: complex with BatchNorm "
+                        "after every convolution and Dropout before the last layer")
+    r.add_argument("--epochs", type=_positive_int, help="passes over the training images")
+    r.add_argument("--optimizer", choices=OPTIMIZER_NAMES,
+                   help="sgd (plain, or with --momentum), adam, or adamw (decoupled weight decay)")
+    r.add_argument("--lr", type=_positive_float, help="learning rate (the schedule's peak)")
+    r.add_argument("--momentum", type=_fraction, help="SGD momentum in [0, 1)")
+    r.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
+    r.add_argument("--weight-decay", type=_checked(float, lambda v: v >= 0, ">= 0", "a number"),
+                   help="L2 weight decay (sgd, adam) or decoupled decay (adamw)")
+    r.add_argument("--schedule", choices=SCHEDULE_NAMES,
+                   help="learning-rate schedule: constant; step (times --gamma every "
+                        "--step-size epochs); cosine (down to 0 over the whole run, per batch)")
+    r.add_argument("--step-size", type=_positive_int, default=2,
+                   help="epochs between decays of --schedule step (default: %(default)s)")
+    r.add_argument("--gamma", type=_positive_float, default=0.1,
+                   help="decay factor of --schedule step (default: %(default)s)")
+    r.add_argument("--warmup", type=_checked(int, lambda v: v >= 0, ">= 0"),
+                   help="batches of linear warm-up from 0.1 x --lr before the schedule "
+                        "(default: the recipe's, 0 or 3%% of the run)")
+    c = train.add_argument_group("checkpoints")
+    c.add_argument("--checkpoint", metavar="PATH",
+                   help="write a checkpoint here after every epoch (and on Ctrl-C)")
+    c.add_argument("--resume", metavar="PATH",
+                   help="continue the run saved in this checkpoint: the same data and recipe, "
+                        "to --epochs in all (default: the run's own); it keeps checkpointing "
+                        "there unless --checkpoint says otherwise")
+    c.add_argument("--early-stopping", type=_positive_int, metavar="PATIENCE",
+                   help="stop when the validation loss has not improved for PATIENCE epochs, "
+                        "keeping the best weights")
 
 
 def _parser():
@@ -82,26 +129,28 @@ def _parser():
     parser.add_argument("--version", action="version", version=f"fastcnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a model and report its test accuracy")
-    train.add_argument("--model", default="simple", choices=MODELS)
-    _add_data_args(train)
-    train.set_defaults(batch_size=10)
-    train.add_argument("--epochs", type=_positive_int, default=5)
-    train.add_argument("--lr", type=_positive_float, default=0.05, help="SGD learning rate")
-    train.add_argument("--seed", type=_seed, default=0, help="seed for weights and shuffling")
+    train = sub.add_parser("train", help="train a model and report its test accuracy",
+                           description="Train a model, validate it every epoch and report its "
+                                       "test accuracy.")
+    _add_data_args(train, "images per training step (default: the recipe's, 10 or 64)")
+    _add_training_args(train)
+    train.add_argument("--seed", type=_seed, default=0,
+                       help="seed for weights, shuffling and dropout (default: %(default)s)")
     train.add_argument("--limit", type=_positive_int, help="train on the first N training images")
     train.add_argument("--test-limit", type=_positive_int,
                        help="test on the first N test images (default: all; 200 on naive)")
     train.add_argument("--val-fraction", type=_fraction, default=0.1,
                        help="fraction of the training images held out for validation "
                             "(default: %(default)s)")
-    train.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    train.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                       help="precision of parameters and activations (default: %(default)s)")
     train.add_argument("--save", metavar="PATH", help="write the trained model (.npz) here")
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a saved model on a test set")
-    evaluate.add_argument("path", help="model file written by 'fastcnn train --save'")
-    _add_data_args(evaluate)
+    evaluate.add_argument("path", help="model file written by 'fastcnn train --save' (or a "
+                                       "checkpoint)")
+    _add_data_args(evaluate, "images per forward pass (default: 64)")
     evaluate.set_defaults(func=cmd_evaluate, batch_size=64)
 
     bench = sub.add_parser(
@@ -109,15 +158,19 @@ def _parser():
         description="Train each backend (and PyTorch CPU, when installed) on the same model, "
                     "batch, threads and data, interleaved in one run; report images/s, epoch "
                     "time, peak memory, Numba's compile time and the ratios against PyTorch.")
-    bench.add_argument("--model", nargs="+", default=["simple"], choices=MODELS)
-    bench.add_argument("--batch-size", nargs="+", type=_positive_int, default=[10])
+    bench.add_argument("--model", nargs="+", default=["simple"], choices=MODELS,
+                       help="models to measure (default: simple)")
+    bench.add_argument("--batch-size", nargs="+", type=_positive_int, default=[10],
+                       help="batch sizes to measure (default: 10)")
     bench.add_argument("--backend", nargs="+", default=["numpy", "numba"],
                        choices=BACKENDS,
                        help="backends to measure (default: numpy numba; naive is opt-in: it "
                             "runs one batch, which takes minutes on the complex model)")
     bench.add_argument("--threads", type=_positive_int,
                        help="threads for every engine, PyTorch included (default: all cores)")
-    bench.add_argument("--rounds", type=_positive_int, default=3)
+    bench.add_argument("--rounds", type=_positive_int, default=3,
+                       help="rounds of interleaved measurements; the median is reported "
+                            "(default: %(default)s)")
     bench.add_argument("--seconds", type=_positive_float, default=2.0,
                        help="about how long each engine trains (and infers) per round")
     bench.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
@@ -142,29 +195,118 @@ def _split(x, y, limit, val_fraction):
     return (x[:-n_val], y[:-n_val]), (x[-n_val:], y[-n_val:])
 
 
+# What `fastcnn train --resume` takes from the checkpoint's run record, not from its flags.
+_RUN_KEYS = ("dataset", "data_dir", "limit", "val_fraction", "test_limit", "model", "dtype",
+             "seed", "batch_size", "epochs", "save")
+_RECIPE_FLAGS = ("model", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup",
+                 "batch_size")
+
+
+def _fill_recipe(args):
+    """Flags not given take the recipe's values."""
+    from . import models
+
+    for key, value in models.RECIPES[args.recipe].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
+def _optimizer_and_schedule(args, batches_per_epoch):
+    from . import optim
+
+    if args.optimizer == "sgd":
+        opt = optim.SGD(args.lr, momentum=args.momentum, nesterov=args.nesterov,
+                        weight_decay=args.weight_decay)
+    else:
+        if args.momentum or args.nesterov:
+            raise ValueError(f"--momentum and --nesterov are for --optimizer sgd, not "
+                             f"{args.optimizer}")
+        opt = optim.OPTIMIZERS[args.optimizer](args.lr, weight_decay=args.weight_decay)
+    total = args.epochs * batches_per_epoch
+    if args.warmup is None:
+        args.warmup = int(round(args.warmup_fraction * total))
+    if args.schedule == "cosine":
+        schedule = optim.Cosine(max(total - args.warmup, 1), per="batch")
+    elif args.schedule == "step":
+        if args.warmup:
+            raise ValueError("--warmup counts batches and --schedule step epochs: use --schedule "
+                             "cosine or constant with --warmup")
+        schedule = optim.StepDecay(args.step_size, args.gamma)
+    else:
+        schedule = optim.Constant(per="batch")
+    if args.warmup:
+        schedule = optim.WarmupThen(args.warmup, schedule)
+    return opt, (None if isinstance(schedule, optim.Constant) else schedule)
+
+
+def _resume_run(args):
+    """Take the run's settings from the checkpoint named by --resume."""
+    from .training import load_checkpoint
+
+    given = [f"--{k.replace('_', '-')}" for k in _RECIPE_FLAGS if getattr(args, k) is not None]
+    if given or args.recipe != "seed" or args.dataset is not None:
+        raise ValueError(f"--resume continues the saved run with its own data and recipe; "
+                         f"leave out {', '.join(given) or '--recipe/--dataset'}")
+    net, state, _ = load_checkpoint(args.resume)
+    run = state.get("run")
+    if not isinstance(run, dict) or set(_RUN_KEYS) - set(run):
+        raise ValueError(f"{args.resume} was not written by 'fastcnn train --checkpoint'")
+    epochs, save = args.epochs, args.save
+    for key in _RUN_KEYS:
+        setattr(args, key, run[key])
+    args.epochs = epochs or args.epochs
+    args.save = save or args.save
+    if args.checkpoint is None:
+        args.checkpoint = args.resume
+    return net, state
+
+
 def cmd_train(args):
     import time
 
     from . import backend, datasets, models, serialize
 
-    if args.save:  # now, not after the training
-        serialize.check_destination(args.save)
+    resumed = state = None
+    if args.resume:
+        resumed, state = _resume_run(args)
+    else:
+        args.dataset = args.dataset or "mnist-sample"
+        _fill_recipe(args)
+    for path in (args.save, args.checkpoint):  # now, not after the training
+        if path:
+            serialize.check_destination(path)
     _apply_compute_args(args)
     (x, y), (x_test, y_test) = datasets.load(args.dataset, args.data_dir, raw=True)
     (x_train, y_train), val = _split(x, y, args.limit, args.val_fraction)
     if len(x_train) == 0:
         raise ValueError(f"no training images left: --limit {args.limit} with --val-fraction "
                          f"{args.val_fraction} holds them all out")
+    if args.early_stopping and val is None:
+        raise ValueError("--early-stopping watches the validation loss: --val-fraction must be "
+                         "above 0")
     test_limit = args.test_limit or (200 if backend.get_backend() == "naive" else None)
     x_test, y_test = x_test[:test_limit], y_test[:test_limit]
-    net = models.build(args.model, dtype=args.dtype, seed=args.seed)
+    if resumed is not None:
+        net, opt, schedule = resumed, None, None
+        done = f" | resuming after epoch {state['epoch']}" + (
+            f", batch {state['batch']}" if state["batch"] else "")
+    else:
+        net = models.build(args.model, dtype=args.dtype, seed=args.seed)
+        opt, schedule = _optimizer_and_schedule(args, -(-len(x_train) // args.batch_size))
+        done = ""
     held_out = f", {len(val[0])} validation" if val else ""
     print(f"fastcnn {__version__} | backend {backend.get_backend()} | model {args.model} "
           f"({net.num_params():,} parameters, {args.dtype}) | {args.dataset}: "
-          f"{len(x_train)} training{held_out}, {len(x_test)} test images", flush=True)
+          f"{len(x_train)} training{held_out}, {len(x_test)} test images{done}", flush=True)
+    if resumed is None and (args.recipe != "seed" or args.optimizer != "sgd" or schedule):
+        print(f"recipe: {opt!r}, schedule {schedule!r}, batch {args.batch_size}, "
+              f"{args.epochs} epochs", flush=True)
+    run = {key: getattr(args, key) for key in _RUN_KEYS}
     start = time.perf_counter()
-    net.fit(x_train, y_train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-            validation_data=val, seed=args.seed, verbose=True)
+    net.fit(x_train, y_train, epochs=args.epochs, batch_size=args.batch_size, optimizer=opt,
+            schedule=schedule, validation_data=val, seed=args.seed, verbose=True,
+            checkpoint=args.checkpoint, resume=args.resume, early_stopping=args.early_stopping,
+            run_info=run)
     trained = time.perf_counter() - start
     result = net.evaluate(x_test, y_test)
     if args.save:
@@ -181,6 +323,7 @@ def cmd_evaluate(args):
 
     _apply_compute_args(args)
     net = ConvNet.load(args.path)
+    args.dataset = args.dataset or "mnist-sample"
     _, (x_test, y_test) = datasets.load(args.dataset, args.data_dir, raw=True)
     result = net.evaluate(x_test, y_test, batch_size=args.batch_size)
     print(f"{args.path} on {args.dataset} test ({len(x_test)} images, backend "

@@ -224,7 +224,7 @@ class ConvNet:
 
     def fit(self, x, y, epochs=1, batch_size=10, lr=None, validation_data=None, shuffle=True,
             seed=None, verbose=False, optimizer=None, schedule=None, checkpoint=None,
-            resume=None, early_stopping=None):
+            resume=None, early_stopping=None, run_info=None):
         """Train in training mode; returns the per-epoch history (lists keyed by metric).
 
         x: (N, C, H, W) uint8 (scaled by 1/255 per batch) or float images; y: (N,) int labels.
@@ -239,7 +239,8 @@ class ConvNet:
         states and history. resume: a checkpoint to continue from, with the same data and
         network: the run ends with exactly the weights of one left alone (``epochs`` is the
         total). early_stopping: a patience in epochs: stop when the validation loss has not
-        improved for that many, and keep the best weights (needs validation_data).
+        improved for that many, and keep the best weights (needs validation_data). run_info:
+        a JSON-able dict stored in the checkpoint as it is (the CLI keeps its settings there).
 
         Everything is checked before the first batch: images holding NaN or inf are a ValueError
         naming their indices. Training that goes wrong stops with ``TrainingDiverged`` (a
@@ -251,7 +252,8 @@ class ConvNet:
         return fit_network(self, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
                            validation_data=validation_data, shuffle=shuffle, seed=seed,
                            verbose=verbose, optimizer=optimizer, schedule=schedule,
-                           checkpoint=checkpoint, resume=resume, early_stopping=early_stopping)
+                           checkpoint=checkpoint, resume=resume, early_stopping=early_stopping,
+                           run_info=run_info)
 
     def predict_proba(self, x, batch_size=64):
         """Class probabilities (N, K) for images x: uint8 (scaled by 1/255) or finite floats."""

@@ -173,6 +173,7 @@ class Trainer:
         self.order = None
         self.partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
         self.best = None  # early stopping: {"loss", "epoch", "arrays"}
+        self.run_info = None  # the caller's own record (the CLI's settings)
         self.stopped_early = False
 
     # -- the loop ---------------------------------------------------------------------------
@@ -185,7 +186,7 @@ class Trainer:
         with _Interrupts(checkpoint is not None) as interrupts:
             while self.epoch < self.epochs and not self.stopped_early:
                 epoch = self.epoch + 1
-                if self.batch == 0:
+                if self.order is None:  # a new epoch (a resumed one keeps its saved order)
                     self.order = self.rng.permutation(n) if self.shuffle else np.arange(n)
                     self.partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
                 bar = _progress(n, f"epoch {epoch}/{self.epochs}", verbose)
@@ -291,11 +292,11 @@ class Trainer:
             "patience": self.patience, "stopped_early": self.stopped_early,
             "best": None if self.best is None else {"loss": self.best["loss"],
                                                    "epoch": self.best["epoch"]},
-            "data": _fingerprint(self.x, self.y),
+            "data": _fingerprint(self.x, self.y), "run": self.run_info,
         }
         arrays = serialize.model_arrays(net, {"checkpoint": state})
         arrays.update({f"optimizer.{k}": a for k, a in opt_arrays.items()})
-        if self.order is not None and self.batch:
+        if self.order is not None:  # drawn: the generator has moved past it
             arrays["order"] = self.order
         if self.best is not None:
             arrays.update({f"best.{k}": a for k, a in self.best["arrays"].items()})
@@ -322,8 +323,7 @@ class Trainer:
         self.partial = dict(state["partial"])
         self.watch.restore(state["watch"])
         self.stopped_early = state["stopped_early"]
-        if self.batch:
-            self.order = arrays["order"]
+        self.order = arrays.get("order")
         if state["best"] is not None:
             self.best = {**state["best"], "arrays": {k[len("best."):]: a for k, a in
                                                      arrays.items() if k.startswith("best.")}}
@@ -359,7 +359,7 @@ def load_checkpoint(path):
 
 
 def fit_network(net, x, y, epochs, batch_size, lr, validation_data, shuffle, seed, verbose,
-                optimizer, schedule, checkpoint, resume, early_stopping):
+                optimizer, schedule, checkpoint, resume, early_stopping, run_info=None):
     """``ConvNet.fit`` (see its docstring)."""
     epochs = _contract.check_int("epochs", epochs, 1)
     batch_size = _contract.check_int("batch_size", batch_size, 1)
@@ -404,6 +404,7 @@ def fit_network(net, x, y, epochs, batch_size, lr, validation_data, shuffle, see
         serialize.check_destination(checkpoint)
     trainer = Trainer(net, x, y, epochs, batch_size, optimizer, schedule, validation_data,
                       shuffle, seed, early_stopping)
+    trainer.run_info = run_info if run_info is not None else (state or {}).get("run")
     if state is not None:
         trainer.restore(resume, state, arrays)
     return trainer.run(verbose, checkpoint)

@@ -144,3 +144,29 @@ def test_early_stopping_keeps_the_best_weights(data, tmp_path):
     assert_same(weights(net), kept[2])
     with pytest.raises(ValueError, match="pass validation_data"):
         net.fit(x, y, early_stopping=2)
+
+
+def test_ctrl_c_between_epochs_resumes_exactly(data, tmp_path):
+    """Ctrl-C during validation: the next epoch's order is already drawn when the checkpoint
+    is written, so it must be saved with it (a resume that drew again would differ)."""
+    whole, _ = run_whole(data, tmp_path)
+    x, y, val = data
+    net = net_with_everything(1)
+    evaluate = net._evaluate
+    calls = []
+
+    def interrupt_during_first_validation(*args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return evaluate(*args, **kw)
+
+    net._evaluate = interrupt_during_first_validation
+    with pytest.raises(KeyboardInterrupt):
+        net.fit(x, y, epochs=4, batch_size=8, seed=3, validation_data=val,
+                checkpoint=tmp_path / "ck.npz", **recipe())
+    _, state, arrays = load_checkpoint(tmp_path / "ck.npz")
+    assert (state["epoch"], state["batch"]) == (1, 0) and "order" in arrays
+    other = net_with_everything(2)
+    other.fit(x, y, epochs=4, batch_size=8, validation_data=val, resume=tmp_path / "ck.npz")
+    assert_same(weights(other), weights(whole))

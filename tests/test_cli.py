@@ -145,3 +145,77 @@ def test_bench_plot_without_matplotlib_fails_before_the_benchmark(monkeypatch, c
     monkeypatch.setattr(benchmark, "run", lambda *a, **k: pytest.fail("the benchmark ran"))
     assert cli.main(["bench", "--plot", str(tmp_path / "b.png")]) == 1
     assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+def test_every_train_flag_has_help_and_the_readme_lists_it():
+    from pathlib import Path
+
+    from fastcnn import cli
+
+    parser = cli._parser()
+    train = next(a for a in parser._actions if a.dest == "command").choices["train"]
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for action in train._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, f"{action.option_strings} has no help text"
+        assert f"`{action.option_strings[0]}" in readme, f"README lacks {action.option_strings}"
+
+
+def weights_of(path):
+    import numpy as np
+
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files if k != "architecture"}
+
+
+def test_the_modern_recipe_trains_checkpoints_and_resumes_to_the_same_model(tmp_path):
+    import numpy as np
+
+    common = ["--recipe", "modern", "--limit", "400", "--schedule", "step", "--warmup", "0"]
+    run = fastcnn("train", *common, "--epochs", "2", "--save", str(tmp_path / "whole.npz"))
+    assert run.returncode == 0, run.stderr
+    assert "model modern (468,202 parameters" in run.stdout and "AdamW(lr=0.002" in run.stdout
+    run = fastcnn("train", *common, "--epochs", "1", "--checkpoint", str(tmp_path / "ck.npz"))
+    assert run.returncode == 0, run.stderr
+    run = fastcnn("train", "--resume", str(tmp_path / "ck.npz"), "--epochs", "2", "--save",
+                  str(tmp_path / "resumed.npz"))
+    assert run.returncode == 0, run.stderr
+    assert "resuming after epoch 1" in run.stdout and "epoch 2/2" in run.stdout
+    whole, resumed = weights_of(tmp_path / "whole.npz"), weights_of(tmp_path / "resumed.npz")
+    assert whole.keys() == resumed.keys() and len(whole) > 20
+    for key in whole:
+        np.testing.assert_array_equal(whole[key], resumed[key], err_msg=key)
+    bad = fastcnn("train", "--resume", str(tmp_path / "ck.npz"), "--lr", "0.1")
+    assert bad.returncode == 1 and "leave out --lr" in bad.stderr
+
+
+def test_ctrl_c_during_training_writes_a_checkpoint_and_says_where(tmp_path):
+    import signal
+    import time
+
+    import numpy as np
+
+    args = ["--recipe", "modern", "--limit", "1000", "--epochs", "6", "--schedule", "step",
+            "--warmup", "0"]
+    whole = fastcnn("train", *args, "--save", str(tmp_path / "whole.npz"))
+    assert whole.returncode == 0, whole.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "fastcnn.cli", "train", *args,
+                             "--checkpoint", str(tmp_path / "ck.npz")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("epoch 1/6") or not line:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"wrote a checkpoint to {tmp_path / 'ck.npz'}" in err
+    assert err.rstrip().endswith("fastcnn: interrupted") and "Traceback" not in err
+    run = fastcnn("train", "--resume", str(tmp_path / "ck.npz"), "--save",
+                  str(tmp_path / "resumed.npz"))
+    assert run.returncode == 0, run.stderr
+    a, b = weights_of(tmp_path / "whole.npz"), weights_of(tmp_path / "resumed.npz")
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
