@@ -60,7 +60,33 @@ def torch_model(name):
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
+    if name == "modern":
+        def block(c_in, c_out):
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+        return nn.Sequential(
+            *block(1, 32), *block(32, 32), nn.MaxPool2d(2),
+            *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Dropout(0.3),
+            nn.Linear(128, 10))
     raise ValueError(f"Unknown model {name!r}")
+
+
+def copy_weights(net, tnet):
+    """fastcnn's parameters and buffers into the PyTorch twin from ``torch_model``, layer for
+    layer, so that both start from the same initial weights."""
+    import torch
+
+    ours = [layer for layer in net.layers if layer.params]
+    theirs = [m for m in tnet.modules() if any(True for _ in m.parameters(recurse=False))]
+    if len(ours) != len(theirs):
+        raise ValueError(f"{len(ours)} fastcnn layers with parameters, {len(theirs)} in torch")
+    with torch.no_grad():
+        for layer, module in zip(ours, theirs, strict=True):
+            module.weight.copy_(torch.from_numpy(layer.params["weight"]))
+            module.bias.copy_(torch.from_numpy(layer.params["bias"]))
+            for key, b in layer.buffers.items():
+                getattr(module, key).copy_(torch.from_numpy(b))
 
 
 class TorchEngine:

@@ -44,10 +44,11 @@ class Optimizer:
     def step(self, net):
         """Update every parameter of ``net`` from its gradient (after ``net.backward``)."""
         self.steps += 1
+        k = kernels()  # once a step: resolving the backend reads the environment
         for name, param, grad in net.parameters():
-            self._update(name, param, grad)
+            self._update(k, name, param, grad)
 
-    def _update(self, name, param, grad):
+    def _update(self, k, name, param, grad):
         raise NotImplementedError
 
     def _buffers(self, name, param, keys):
@@ -103,13 +104,13 @@ class SGD(Optimizer):
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov needs a momentum > 0")
 
-    def _update(self, name, param, grad):
+    def _update(self, k, name, param, grad):
         if self.momentum == 0 and self.weight_decay == 0:
-            kernels().sgd_update(param, grad, self.lr)
+            k.sgd_update(param, grad, self.lr)
             return
         (velocity,) = self._buffers(name, param, ("velocity",))
-        kernels().sgd_momentum_update(param, grad, velocity, self.lr, self.momentum,
-                                      self.weight_decay, self.nesterov)
+        k.sgd_momentum_update(param, grad, velocity, self.lr, self.momentum, self.weight_decay,
+                              self.nesterov)
 
     def hyperparameters(self):
         return {"lr": self.base_lr, "momentum": self.momentum, "nesterov": self.nesterov,
@@ -129,10 +130,10 @@ class Adam(Optimizer):
         self.eps = _number("eps", eps)
         self.weight_decay = _number("weight_decay", weight_decay)
 
-    def _update(self, name, param, grad):
+    def _update(self, k, name, param, grad):
         m, v = self._buffers(name, param, ("m", "v"))
-        kernels().adam_update(param, grad, m, v, self.lr, self.betas[0], self.betas[1], self.eps,
-                              self.weight_decay, self.decoupled, self.steps)
+        k.adam_update(param, grad, m, v, self.lr, self.betas[0], self.betas[1], self.eps,
+                      self.weight_decay, self.decoupled, self.steps)
 
     def hyperparameters(self):
         return {"lr": self.base_lr, "betas": list(self.betas), "eps": self.eps,
