@@ -9,8 +9,10 @@ The contract (shapes, dtypes, argmax format, tie rule) is in ``_contract.py``.
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
-from numba import config, njit, prange, types
+from numba import config, literally, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -110,15 +112,47 @@ def _conv_forward(xp, w, b, stride, y):
 # columns and rows in between are computed and thrown away.
 #
 # The forward kernel is register-tiled, like the inner kernel of a matrix multiply: a tile of
-# _FB filters x _V consecutive outputs stays in vector registers (8 of AVX2's 16 in float32)
-# while the loop runs over every input channel and tap; each tap loads _V inputs once, broadcasts
-# the _FB weights, and does _FB * _V multiply-adds. The outputs are written once, at the end.
-# (Accumulating a whole row of outputs in memory instead, one tap at a time or all nine, is bound
-# by loads and stores: ~50 GFLOP/s here against ~100 for the tile.) A task is a run of tiles for
-# one group of _FB filters; consecutive tasks take the same run with the next group, so the run's
-# inputs are still in cache.
-_FB, _V = 4, 16  # filters x outputs of one register tile (_V: two AVX2 vectors of float32)
+# fb filters x v consecutive outputs stays in vector registers while the loop runs over every
+# input channel and tap; each tap loads v inputs once, broadcasts the fb weights, and does
+# fb * v multiply-adds. The outputs are written once, at the end. (Accumulating a whole row of
+# outputs in memory instead is bound by loads and stores: ~50 GFLOP/s against ~100 for the tile
+# on AVX2.) A task is a run of tiles for one group of fb filters; consecutive tasks take the same
+# run with the next group, so the run's inputs are still in cache. The tile's shape depends on
+# the CPU and the row length: see conv_tile.
+_FB, _V = 4, 16  # the weight gradient's filters per task, and the dense layers' matmul tile
 _RUN = 4  # output rows per task
+
+
+def _host_vector_bits():
+    """The widest float vectors this CPU has: 512 (AVX-512), 256 (AVX, AVX2) or 128."""
+    try:
+        from llvmlite import binding
+
+        features = binding.get_host_cpu_features()
+    except Exception:  # noqa: BLE001 - no feature list: assume the narrowest
+        return 128
+    if features.get("avx512f"):
+        return 512
+    return 256 if features.get("avx2") or features.get("avx") else 128
+
+
+VECTOR_BITS = _host_vector_bits()
+# Vector registers: x86 has 32 with AVX-512, else 16; 64-bit Arm (NEON) has 32 of 128 bits.
+VECTOR_REGISTERS = 32 if VECTOR_BITS >= 512 or platform.machine().lower() in (
+    "arm64", "aarch64") else 16
+
+
+def conv_tile(ow, itemsize, bits=VECTOR_BITS, registers=VECTOR_REGISTERS):
+    """(fb, v): filters x outputs of the forward kernel's register tile for rows of ``ow``
+    outputs of ``itemsize``-byte values. Half the vector registers hold accumulators (the rest
+    take the loaded inputs and broadcast weights); a tile spans two vectors of outputs where rows
+    are long enough not to waste most of the second, else one; and as many filters as the
+    accumulators allow, at most 8. AVX2, float32: 4 x 16 (8 ymm accumulators); AVX-512: 8 x 32
+    for 28-wide rows, 8 x 16 for 14-wide ones (16 and 8 zmm)."""
+    lanes = max(bits // (8 * itemsize), 1)
+    vectors = 2 if ow >= lanes + lanes // 2 else 1
+    fb = min(8, (registers // 2) // vectors)
+    return fb, vectors * lanes
 
 
 def _channel_planes(x, top, left, hp, wp, slack=0, channels=None):
@@ -153,23 +187,23 @@ def _lay_out_planes(x, top, left, hp, wp, out):
             dst[k] = 0
 
 
-def _tile_slack(wp):
-    """Zeros a channel's flat row needs past its last plane: a row's last tile runs up to _V
+def _tile_slack(wp, v):
+    """Zeros a channel's flat row needs past its last plane: a row's last tile runs up to v
     outputs past the row's end, and its taps read 2*wp + 2 further."""
-    return _V + 2 * wp + 2
+    return v + 2 * wp + 2
 
 
 @_serial
-def _filter_groups(w):
-    """w (F, C, 3, 3) -> (ceil(F/_FB), C, 9, _FB): a group's _FB weights of one tap side by side,
-    F padded with zero filters to a multiple of _FB."""
+def _filter_groups(w, fb):
+    """w (F, C, 3, 3) -> (ceil(F/fb), C, 9, fb): a group's fb weights of one tap side by side,
+    F padded with zero filters to a multiple of fb."""
     F, C = w.shape[0], w.shape[1]
-    wg = np.zeros(((F + _FB - 1) // _FB, C, 9, _FB), w.dtype)
+    wg = np.zeros(((F + fb - 1) // fb, C, 9, fb), w.dtype)
     for f in range(F):
         for ch in range(C):
             for p in range(3):
                 for q in range(3):
-                    wg[f // _FB, ch, 3 * p + q, f % _FB] = w[f, ch, p, q]
+                    wg[f // fb, ch, 3 * p + q, f % fb] = w[f, ch, p, q]
     return wg
 
 
@@ -186,57 +220,49 @@ def _tile_step(a0, a1, a2, a3, w0, w1, w2, w3, src, at):
 
 
 @_inlined
-def _store_tiles(a0, a1, a2, a3, y, n, f0, i, j0, b):
-    """y[n, f0 + r, i, j0 + u] = ar[u] + b[f0 + r] for the tiles' real outputs (j < OW)."""
-    if f0 + _FB <= y.shape[1]:
-        o0, o1, o2, o3 = y[n, f0, i], y[n, f0 + 1, i], y[n, f0 + 2, i], y[n, f0 + 3, i]
-        for u in range(min(_V, y.shape[3] - j0)):
-            o0[j0 + u] = a0[u] + b[f0]
-            o1[j0 + u] = a1[u] + b[f0 + 1]
-            o2[j0 + u] = a2[u] + b[f0 + 2]
-            o3[j0 + u] = a3[u] + b[f0 + 3]
-    else:  # the last group, padded with zero filters
-        _store_some_tiles(a0, a1, a2, a3, y, n, f0, i, j0, b)
-
-
-@_serial
-def _store_some_tiles(a0, a1, a2, a3, y, n, f0, i, j0, b):
-    for f in range(f0, y.shape[1]):
-        tile = a0 if f == f0 else a1 if f == f0 + 1 else a2 if f == f0 + 2 else a3
-        for u in range(min(_V, y.shape[3] - j0)):
-            y[n, f, i, j0 + u] = tile[u] + b[f]
+def _tile_taps(a, taps, src, at, fb, v):
+    """One tap of the register tile: a[r*v + u] += taps[r] * src[at + u] for the tile's v
+    outputs u and fb filters r, every loaded input shared by the fb filters."""
+    for u in range(v):
+        value = src[at + u]
+        for r in range(fb):
+            a[r * v + u] += taps[r] * value
 
 
 @_parallel
-def _conv3x3_forward_s1(xf, wg, b, hp, wp, y):
+def _conv3x3_forward_s1(xf, wg, b, hp, wp, y, fb, v, size):
+    """The register-tiled forward kernel; fb, v and size = fb * v are compile-time constants
+    (one compiled version per tile shape in use)."""
+    literally(fb)
+    literally(v)
+    literally(size)
     C, S = xf.shape
     groups = wg.shape[0]
-    N, OH, OW = y.shape[0], y.shape[2], y.shape[3]
-    per_row = (OW + _V - 1) // _V  # tiles per output row; the last may overhang into junk
+    N, F, OH, OW = y.shape
+    per_row = (OW + v - 1) // v  # tiles per output row; the last may overhang into junk
     runs = (N * OH + _RUN - 1) // _RUN
     x = _flat(xf)
     for t in prange(runs * groups):
         run, g = t // groups, t % groups
-        f0 = g * _FB
-        a0 = _stack_buffer(_V, xf.dtype)
-        a1 = _stack_buffer(_V, xf.dtype)
-        a2 = _stack_buffer(_V, xf.dtype)
-        a3 = _stack_buffer(_V, xf.dtype)
+        f0 = g * fb
+        a = _stack_buffer(size, xf.dtype)
         for row in range(run * _RUN, min(run * _RUN + _RUN, N * OH)):
             n, i = row // OH, row % OH
             for jt in range(per_row):
-                j0 = jt * _V
-                for v in range(_V):
-                    a0[v] = a1[v] = a2[v] = a3[v] = 0
+                j0 = jt * v
+                for k in range(size):
+                    a[k] = 0
                 for ch in range(C):
                     taps = wg[g, ch]
                     for p in range(3):
                         for q in range(3):
                             # x_flat[k + p*Wp + q] for the tile's wide positions k
                             at = ch * S + n * hp * wp + (i + p) * wp + j0 + q
-                            tap = taps[3 * p + q]
-                            _tile_step(a0, a1, a2, a3, tap[0], tap[1], tap[2], tap[3], x, at)
-                _store_tiles(a0, a1, a2, a3, y, n, f0, i, j0, b)
+                            _tile_taps(a, taps[3 * p + q], x, at, fb, v)
+                for r in range(min(fb, F - f0)):  # the real filters and outputs only
+                    out, bias = y[n, f0 + r, i], b[f0 + r]
+                    for u in range(min(v, OW - j0)):
+                        out[j0 + u] = a[r * v + u] + bias
 
 
 # The weight gradient is a long reduction over every wide position k of the batch:
@@ -284,13 +310,34 @@ def _conv3x3_grad_weight_s1(xf, dyf, wp, dw, db):
                 db[f] = acc
 
 
-def _forward(x, w, b, stride, ph, pw, shape):
+_TILED = {}
+
+
+def _tiled_forward(fb, v):
+    """The forward kernel for one tile shape, as a compiled function whose fb and v are
+    constants. (Calling _conv3x3_forward_s1 with literal arguments from Python would go
+    through Numba's literal dispatch on every call: ~30 ms. From compiled code they are resolved
+    once; Numba caches the closure with its constants.)"""
+    kernel = _TILED.get((fb, v))
+    if kernel is None:
+        size = fb * v
+
+        @_serial
+        def kernel(xf, wg, b, hp, wp, y):
+            _conv3x3_forward_s1(xf, wg, b, hp, wp, y, fb, v, size)
+
+        _TILED[fb, v] = kernel
+    return kernel
+
+
+def _forward(x, w, b, stride, ph, pw, shape, tile=None):
     y = np.empty(shape, x.dtype)
     w = np.ascontiguousarray(w)
     if stride == 1 and w.shape[2:] == (3, 3):
         hp, wp = x.shape[2] + 2 * ph, x.shape[3] + 2 * pw
-        xf = _channel_planes(x, ph, pw, hp, wp, _tile_slack(wp))
-        _conv3x3_forward_s1(xf, _filter_groups(w), b, hp, wp, y)
+        fb, v = tile or conv_tile(shape[3], x.dtype.itemsize)
+        xf = _channel_planes(x, ph, pw, hp, wp, _tile_slack(wp, v))
+        _tiled_forward(fb, v)(xf, _filter_groups(w, fb), b, hp, wp, y)
     else:  # other kernel sizes and strides: the plain direct convolution
         _conv_forward(_padded(x, ph, pw), w, b, stride, y)
     return y
