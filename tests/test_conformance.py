@@ -445,3 +445,23 @@ def test_numba_tile_choice_follows_the_vectors():
                 fb, v = conv_tile(ow, size, bits, regs)
                 lanes = bits // (8 * size)
                 assert 1 <= fb <= 8 and v % lanes == 0 and fb * v // lanes <= regs // 2
+
+
+@pytest.mark.parametrize("fb", [0, 4, 8], ids=lambda fb: f"filters{fb}")
+@pytest.mark.parametrize("case", [(2, 3, 5, 33, 5, 1), (1, 2, 28, 28, 9, 1), (3, 4, 14, 14, 8, 1),
+                                  (1, 1, 7, 3, 3, 0), (40, 2, 9, 9, 12, 1)], ids=case_id)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numba_every_weight_gradient_variant_agrees_with_naive(rng, fb, case, dtype):
+    """The AVX2 kernel (0) and the chunked one by 4 and 8 filters (the last case spans several
+    chunks of positions), whichever this CPU would pick."""
+    from fastcnn.kernels import numba_jit
+
+    n, c, h, w, f, pad = case
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    dy = rng.standard_normal((n, f, h + 2 * pad - 2, w + 2 * pad - 2)).astype(dtype)
+    want = NAIVE.conv2d_grad_weight(x, dy, 3, 1, pad)
+    for got, ref in zip(numba_jit._grad_weight_3x3(x, dy, pad, fb), want, strict=True):
+        assert got.shape == ref.shape and got.dtype == dtype
+        # sums of thousands of float32 products: the rounding scales with the largest sum
+        limits = dict(tol(dtype), atol=tol(dtype)["atol"] * max(1.0, float(np.abs(ref).max())))
+        np.testing.assert_allclose(got, ref, **limits)
