@@ -150,7 +150,7 @@ def conv_tile(ow, itemsize, bits=VECTOR_BITS, registers=VECTOR_REGISTERS):
     accumulators allow, at most 8. AVX2, float32: 4 x 16 (8 ymm accumulators); AVX-512: 8 x 32
     for 28-wide rows, 8 x 16 for 14-wide ones (16 and 8 zmm)."""
     lanes = max(bits // (8 * itemsize), 1)
-    vectors = 2 if ow >= lanes + lanes // 2 else 1
+    vectors = 2 if ow >= lanes + lanes // 2 or registers >= 32 else 1
     fb = min(8, (registers // 2) // vectors)
     return fb, vectors * lanes
 
@@ -265,6 +265,50 @@ def _conv3x3_forward_s1(xf, wg, b, hp, wp, y, fb, v, size):
                         out[j0 + u] = a[r * v + u] + bias
 
 
+@_parallel
+def _conv3x3_forward_across(xf, wg, b, hp, wp, y, fb, v, size):
+    """The forward kernel for rows shorter than half a tile (2 * wp <= v): a tile is v
+    consecutive wide positions of one image, across rows (14-wide rows, 32-wide tiles: 87.5% of
+    a tile is real outputs, where a tile per row would waste half). On AVX-512 this took the
+    14x14 layers' forward pass from ~280-310 to ~330-390 GFLOP/s. (Long rows keep a tile per
+    row: one kernel doing both ran those 1.2-2x slower.)"""
+    literally(fb)
+    literally(v)
+    literally(size)
+    C, S = xf.shape
+    groups = wg.shape[0]
+    N, F, OH, OW = y.shape
+    per_image = ((OH - 1) * wp + OW + v - 1) // v
+    tiles = N * per_image
+    x = _flat(xf)
+    for t in prange(((tiles + _RUN - 1) // _RUN) * groups):
+        run, g = t // groups, t % groups
+        f0 = g * fb
+        a = _stack_buffer(size, xf.dtype)
+        for tile in range(run * _RUN, min(run * _RUN + _RUN, tiles)):
+            n, at = tile // per_image, tile % per_image
+            k0 = at * v
+            for k in range(size):
+                a[k] = 0
+            for ch in range(C):
+                taps = wg[g, ch]
+                base = ch * S + n * hp * wp + k0  # x_flat[k + p*Wp + q] for the tile's k
+                for p in range(3):
+                    for q in range(3):
+                        _tile_taps(a, taps[3 * p + q], x, base + p * wp + q, fb, v)
+            # the real outputs (i < OH, j < OW) among the tile's wide positions, a row at a time
+            i, j, u = k0 // wp, k0 % wp, 0
+            while u < v and i < OH:
+                count = min(v - u, wp - j)
+                for r in range(min(fb, F - f0)):
+                    out, bias = y[n, f0 + r, i], b[f0 + r]
+                    for m in range(max(min(count, OW - j), 0)):
+                        out[j + m] = a[r * v + u + m] + bias
+                u += count
+                i += 1
+                j = 0
+
+
 # The weight gradient is a long reduction over every wide position k of the batch:
 # dw[f, c, p, q] = sum_k dy_flat[f, k] * x_flat[c, k + p*Wp + q] (dy's junk positions are zero).
 # A task owns _FB filters and one channel and sums one kernel row p at a time: 12 running sums
@@ -313,20 +357,24 @@ def _conv3x3_grad_weight_s1(xf, dyf, wp, dw, db):
 _TILED = {}
 
 
-def _tiled_forward(fb, v):
+def _tiled_forward(fb, v, across):
     """The forward kernel for one tile shape, as a compiled function whose fb and v are
     constants. (Calling _conv3x3_forward_s1 with literal arguments from Python would go
     through Numba's literal dispatch on every call: ~30 ms. From compiled code they are resolved
     once; Numba caches the closure with its constants.)"""
-    kernel = _TILED.get((fb, v))
+    kernel = _TILED.get((fb, v, across))
     if kernel is None:
         size = fb * v
+        if across:
+            @_serial
+            def kernel(xf, wg, b, hp, wp, y):
+                _conv3x3_forward_across(xf, wg, b, hp, wp, y, fb, v, size)
+        else:
+            @_serial
+            def kernel(xf, wg, b, hp, wp, y):
+                _conv3x3_forward_s1(xf, wg, b, hp, wp, y, fb, v, size)
 
-        @_serial
-        def kernel(xf, wg, b, hp, wp, y):
-            _conv3x3_forward_s1(xf, wg, b, hp, wp, y, fb, v, size)
-
-        _TILED[fb, v] = kernel
+        _TILED[fb, v, across] = kernel
     return kernel
 
 
@@ -337,7 +385,7 @@ def _forward(x, w, b, stride, ph, pw, shape, tile=None):
         hp, wp = x.shape[2] + 2 * ph, x.shape[3] + 2 * pw
         fb, v = tile or conv_tile(shape[3], x.dtype.itemsize)
         xf = _channel_planes(x, ph, pw, hp, wp, _tile_slack(wp, v))
-        _tiled_forward(fb, v)(xf, _filter_groups(w, fb), b, hp, wp, y)
+        _tiled_forward(fb, v, 2 * wp <= v)(xf, _filter_groups(w, fb), b, hp, wp, y)
     else:  # other kernel sizes and strides: the plain direct convolution
         _conv_forward(_padded(x, ph, pw), w, b, stride, y)
     return y
@@ -389,9 +437,11 @@ def _conv_grad_weight(xp, dy, stride, dw, db):
 _WG_CHUNK, _WG_PART = 1024, 4096
 
 
-def grad_weight_filters(registers=VECTOR_REGISTERS):
-    """Filters per pass of the chunked weight gradient, or 0 for the AVX2 kernel."""
-    return 8 if registers >= 32 else 0
+def grad_weight_filters(channels, registers=VECTOR_REGISTERS):
+    """Filters per pass of the chunked weight gradient, or 0 for the AVX2 kernel: also on
+    AVX-512 for fewer than 8 input channels, where a chunk of dy is reused too little (the first
+    layer, one channel: ~85 GFLOP/s with the AVX2 kernel, ~33 chunked)."""
+    return 8 if registers >= 32 and channels >= 8 else 0
 
 
 @_parallel
@@ -458,8 +508,8 @@ def _row_sums(a, out):
 
 def _grad_weight_3x3(x, dy, pad, fb=None):
     """dw, db of a 3x3 stride-1 convolution; fb: the chunked kernel's filters a pass (0: the
-    AVX2 kernel; default: grad_weight_filters())."""
-    fb = grad_weight_filters() if fb is None else fb
+    AVX2 kernel; default: grad_weight_filters(channels))."""
+    fb = grad_weight_filters(x.shape[1]) if fb is None else fb
     f = dy.shape[1]
     hp, wp = x.shape[2] + 2 * pad, x.shape[3] + 2 * pad
     # dy laid out like x, its junk rows and columns zero so they add nothing to the sums, and

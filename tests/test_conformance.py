@@ -412,12 +412,13 @@ def test_dropout_agrees_with_naive(fast, rng, size, dtype):
 # Every register tile the numba backend can pick (conv_tile chooses by the CPU's vectors and the
 # row length), forced one by one, on rows shorter and longer than a tile and filter counts off
 # the groups: a tile too wide for this CPU is only slower here, never wrong, so all are tested.
-NUMBA_TILES = [(4, 16), (8, 16), (8, 32), (8, 8), (4, 8), (8, 4)]
+NUMBA_TILES = [(4, 16), (8, 16), (8, 32), (8, 8), (4, 8), (8, 4), (2, 64)]
 
 
 @pytest.mark.parametrize("tile", NUMBA_TILES, ids=lambda t: f"{t[0]}x{t[1]}")
 @pytest.mark.parametrize("case", [(2, 3, 5, 33, 5, 1), (1, 2, 28, 28, 9, 1), (2, 4, 14, 14, 8, 1),
-                                  (1, 1, 7, 3, 3, 0), (3, 2, 4, 17, 12, 1)], ids=case_id)
+                                  (1, 1, 7, 3, 3, 0), (3, 2, 4, 17, 12, 1), (2, 2, 7, 7, 3, 1),
+                                  (2, 1, 1, 1, 2, 1)], ids=case_id)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_numba_every_register_tile_agrees_with_naive(rng, tile, case, dtype):
     from fastcnn.kernels import numba_jit
@@ -436,9 +437,10 @@ def test_numba_tile_choice_follows_the_vectors():
 
     assert conv_tile(28, 4, bits=256, registers=16) == (4, 16)  # AVX2: the tuned 4 x 16
     assert conv_tile(28, 4, bits=512, registers=32) == (8, 32)  # AVX-512, long rows
-    assert conv_tile(14, 4, bits=512, registers=32) == (8, 16)  # AVX-512, short rows
+    assert conv_tile(14, 4, bits=512, registers=32) == (8, 32)  # AVX-512, across short rows
     assert conv_tile(28, 8, bits=512, registers=32) == (8, 16)  # float64: half the lanes
     assert conv_tile(14, 4, bits=128, registers=32) == (8, 8)   # NEON
+    assert conv_tile(7, 4, bits=256, registers=16) == (8, 8)    # AVX2, 7-wide rows
     for bits, regs in ((128, 16), (256, 16), (512, 32), (128, 32)):
         for ow in (1, 3, 7, 14, 28, 100):
             for size in (4, 8):
