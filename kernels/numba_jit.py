@@ -229,6 +229,19 @@ def _tile_taps(a, taps, src, at, fb, v):
             a[r * v + u] += taps[r] * value
 
 
+@_inlined
+def _tile_at(a, wg, g, x, k0, S, wp, fb, v, size):
+    """a = the tile of filter group g at wide position k0 of the flat layout (channel rows of
+    S values): every input channel's nine taps, tap (p, q) reading x_flat[c, k + p*Wp + q]."""
+    for k in range(size):
+        a[k] = 0
+    for ch in range(wg.shape[1]):
+        taps = wg[g, ch]
+        for p in range(3):
+            for q in range(3):
+                _tile_taps(a, taps[3 * p + q], x, ch * S + k0 + p * wp + q, fb, v)
+
+
 @_parallel
 def _conv3x3_forward_s1(xf, wg, b, hp, wp, y, fb, v, size):
     """The register-tiled forward kernel; fb, v and size = fb * v are compile-time constants
@@ -250,15 +263,7 @@ def _conv3x3_forward_s1(xf, wg, b, hp, wp, y, fb, v, size):
             n, i = row // OH, row % OH
             for jt in range(per_row):
                 j0 = jt * v
-                for k in range(size):
-                    a[k] = 0
-                for ch in range(C):
-                    taps = wg[g, ch]
-                    for p in range(3):
-                        for q in range(3):
-                            # x_flat[k + p*Wp + q] for the tile's wide positions k
-                            at = ch * S + n * hp * wp + (i + p) * wp + j0 + q
-                            _tile_taps(a, taps[3 * p + q], x, at, fb, v)
+                _tile_at(a, wg, g, x, n * hp * wp + i * wp + j0, S, wp, fb, v, size)
                 for r in range(min(fb, F - f0)):  # the real filters and outputs only
                     out, bias = y[n, f0 + r, i], b[f0 + r]
                     for u in range(min(v, OW - j0)):
@@ -288,14 +293,7 @@ def _conv3x3_forward_across(xf, wg, b, hp, wp, y, fb, v, size):
         for tile in range(run * _RUN, min(run * _RUN + _RUN, tiles)):
             n, at = tile // per_image, tile % per_image
             k0 = at * v
-            for k in range(size):
-                a[k] = 0
-            for ch in range(C):
-                taps = wg[g, ch]
-                base = ch * S + n * hp * wp + k0  # x_flat[k + p*Wp + q] for the tile's k
-                for p in range(3):
-                    for q in range(3):
-                        _tile_taps(a, taps[3 * p + q], x, base + p * wp + q, fb, v)
+            _tile_at(a, wg, g, x, n * hp * wp + k0, S, wp, fb, v, size)
             # the real outputs (i < OH, j < OW) among the tile's wide positions, a row at a time
             i, j, u = k0 // wp, k0 % wp, 0
             while u < v and i < OH:
