@@ -18,26 +18,14 @@ import math
 import numpy as np
 
 from .backend import kernels
-
-
-def _number(name, value, minimum=0.0, below=None, positive=False):
-    """A real number (Python or NumPy scalar, not bool), finite, within the bounds -> float."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(
-            value, (int, float, np.integer, np.floating)) or not np.isfinite(value):
-        kind = "positive finite" if positive else "finite"
-        raise ValueError(f"{name} must be a {kind} number, got {value!r}")
-    if (positive and value <= 0) or value < minimum or (below is not None and value >= below):
-        what = ("a positive finite number" if positive else f">= {minimum}") if below is None \
-            else f"in [{minimum}, {below})"
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    return float(value)
+from .kernels._contract import check_scalar
 
 
 class Optimizer:
     """Base class: ``lr`` (what the schedule scales), per-parameter state, a step count."""
 
     def __init__(self, lr):
-        self.lr = self.base_lr = _number("lr", lr, positive=True)
+        self.lr = self.base_lr = check_scalar("lr", lr, positive=True)
         self.steps = 0
         self.state: dict[str, dict[str, np.ndarray]] = {}
 
@@ -98,8 +86,8 @@ class SGD(Optimizer):
 
     def __init__(self, lr=0.05, momentum=0.0, nesterov=False, weight_decay=0.0):
         super().__init__(lr)
-        self.momentum = _number("momentum", momentum, 0.0, 1.0)
-        self.weight_decay = _number("weight_decay", weight_decay)
+        self.momentum = check_scalar("momentum", momentum, 0.0, 1.0)
+        self.weight_decay = check_scalar("weight_decay", weight_decay, 0.0)
         self.nesterov = bool(nesterov)
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov needs a momentum > 0")
@@ -126,9 +114,10 @@ class Adam(Optimizer):
         super().__init__(lr)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        self.betas = (_number("beta1", betas[0], 0.0, 1.0), _number("beta2", betas[1], 0.0, 1.0))
-        self.eps = _number("eps", eps)
-        self.weight_decay = _number("weight_decay", weight_decay)
+        self.betas = (check_scalar("beta1", betas[0], 0.0, 1.0),
+                      check_scalar("beta2", betas[1], 0.0, 1.0))
+        self.eps = check_scalar("eps", eps, 0.0)
+        self.weight_decay = check_scalar("weight_decay", weight_decay, 0.0)
 
     def _update(self, k, name, param, grad):
         m, v = self._buffers(name, param, ("m", "v"))
@@ -206,7 +195,7 @@ class StepDecay(Schedule):
                 step_size < 1:
             raise ValueError(f"step_size must be an int >= 1, got {step_size!r}")
         self.step_size = int(step_size)
-        self.gamma = _number("gamma", gamma, positive=True)
+        self.gamma = check_scalar("gamma", gamma, positive=True)
 
     def factor(self, t):
         return self.gamma ** (t // self.step_size)
@@ -225,7 +214,7 @@ class Cosine(Schedule):
         if isinstance(total, bool) or not isinstance(total, (int, np.integer)) or total < 1:
             raise ValueError(f"total must be an int >= 1, got {total!r}")
         self.total = int(total)
-        self.min_factor = _number("min_factor", min_factor, 0.0)
+        self.min_factor = check_scalar("min_factor", min_factor, 0.0)
 
     def factor(self, t):
         half_cosine = (1 + math.cos(math.pi * min(t, self.total) / self.total)) / 2
@@ -244,7 +233,7 @@ class LinearWarmup(Schedule):
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         self.steps = int(steps)
-        self.start_factor = _number("start_factor", start_factor, positive=True)
+        self.start_factor = check_scalar("start_factor", start_factor, positive=True)
 
     def factor(self, t):
         return self.start_factor + (1 - self.start_factor) * min(t, self.steps) / self.steps

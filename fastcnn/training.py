@@ -45,8 +45,6 @@ class TrainingDiverged(FloatingPointError):
         self.epoch, self.batch, self.loss = epoch, batch, loss
 
 
-
-
 def pixel_note(xb):
     """A hint when a batch's values are far outside [0, 1] (uint8 batches are already scaled)."""
     top = float(np.max(np.abs(xb))) if xb.size else 0.0
@@ -76,27 +74,29 @@ class _DivergenceWatch:
         self.start, self.smooth = state["start"], state["smooth"]
 
     def check(self, loss, epoch, batch, xb):
-        first = self.start is None
-        where = f"epoch {epoch}, batch {batch}"
-        chance = f"chance level for {self.classes} classes is ln {self.classes} = {self.chance:.2f}"
-        if first:
+        """Called after every step with its loss (taken before the step's update)."""
+        if self.start is None:  # the first batch
             if not np.isfinite(loss) or loss > DIVERGENCE_FACTOR * max(self.chance, 1.0):
                 raise TrainingDiverged(
-                    f"the loss on the first batch, before any update, is {loss:.4g} ({chance}), "
-                    f"so the learning rate is not the cause: the images or the model's initial "
-                    f"weights are far off{pixel_note(xb)}", epoch, batch, loss)
+                    f"the loss on the first batch, before any update, is {loss:.4g} "
+                    f"({self._chance()}), so the learning rate is not the cause: the images or "
+                    f"the model's initial weights are far off{pixel_note(xb)}", epoch, batch,
+                    loss)
             self.start = self.smooth = max(loss, self.chance)
             return
         if not np.isfinite(loss):
             raise TrainingDiverged(
-                f"training diverged: the loss became {loss} at {where}; "
+                f"training diverged: the loss became {loss} at epoch {epoch}, batch {batch}; "
                 f"{self.advice}{pixel_note(xb)}", epoch, batch, loss)
         self.smooth += _SMOOTHING * (loss - self.smooth)
         if self.smooth > DIVERGENCE_FACTOR * self.start:
             raise TrainingDiverged(
                 f"training diverged: the loss grew to {self.smooth:.4g} (smoothed over recent "
-                f"batches) at {where}, from {self.start:.4g} at the start ({chance}); "
-                f"{self.advice}{pixel_note(xb)}", epoch, batch, loss)
+                f"batches) at epoch {epoch}, batch {batch}, from {self.start:.4g} at the start "
+                f"({self._chance()}); {self.advice}{pixel_note(xb)}", epoch, batch, loss)
+
+    def _chance(self):
+        return f"chance level for {self.classes} classes is ln {self.classes} = {self.chance:.2f}"
 
 
 class _NoBar:
@@ -158,7 +158,7 @@ class Trainer:
     """One ``fit`` call's state; everything a checkpoint must hold to resume exactly."""
 
     def __init__(self, net, x, y, epochs, batch_size, optimizer, schedule, validation_data,
-                 shuffle, seed, early_stopping):
+                 shuffle, seed, early_stopping, run_info=None):
         self.net, self.x, self.y = net, x, y
         self.epochs, self.batch_size = epochs, batch_size
         self.optimizer, self.schedule = optimizer, schedule
@@ -173,7 +173,7 @@ class Trainer:
         self.order = None
         self.partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
         self.best = None  # early stopping: {"loss", "epoch", "arrays"}
-        self.run_info = None  # the caller's own record (the CLI's settings)
+        self.run_info = run_info  # the caller's own record (the CLI's settings)
         self.stopped_early = False
 
     # -- the loop ---------------------------------------------------------------------------
@@ -402,9 +402,10 @@ def fit_network(net, x, y, epochs, batch_size, lr, validation_data, shuffle, see
     net._check_parameters()
     if checkpoint is not None:
         serialize.check_destination(checkpoint)
+    if run_info is None and state is not None:
+        run_info = state.get("run")
     trainer = Trainer(net, x, y, epochs, batch_size, optimizer, schedule, validation_data,
-                      shuffle, seed, early_stopping)
-    trainer.run_info = run_info if run_info is not None else (state or {}).get("run")
+                      shuffle, seed, early_stopping, run_info)
     if state is not None:
         trainer.restore(resume, state, arrays)
     return trainer.run(verbose, checkpoint)

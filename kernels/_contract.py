@@ -262,15 +262,17 @@ def check_sgd_update(param, grad, lr):
         raise ValueError(f"grad {grad.shape} does not match param {param.shape}")
     if not param.flags.c_contiguous or not param.flags.writeable:
         raise ValueError("param must be a writeable C-contiguous array (it is updated in place)")
-    if isinstance(lr, (bool, np.bool_)) or not (
-            isinstance(lr, (int, float, np.integer, np.floating)) and np.isfinite(lr)):
-        raise ValueError(f"lr must be a finite number, got {lr!r}")
+    check_scalar("lr", lr)
 
 
-def _check_scalar(name, value, minimum=None, below=None):
+def check_scalar(name, value, minimum=None, below=None, positive=False):
+    """A real number (Python or NumPy scalar, not bool), finite, > 0 if ``positive``, and in
+    [minimum, below) where given -> float; else a ValueError naming it."""
+    kind = "positive finite" if positive else "finite"
     if isinstance(value, (bool, np.bool_)) or not (
-            isinstance(value, (int, float, np.integer, np.floating)) and np.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+            isinstance(value, (int, float, np.integer, np.floating)) and np.isfinite(value)) or (
+            positive and value <= 0):
+        raise ValueError(f"{name} must be a {kind} number, got {value!r}")
     if (minimum is not None and value < minimum) or (below is not None and value >= below):
         bounds = (f">= {minimum}" if below is None else f"in [{minimum}, {below})")
         raise ValueError(f"{name} must be {bounds}, got {value!r}")
@@ -290,16 +292,16 @@ def check_optimizer_update(param, grad, states):
 
 def check_sgd_momentum_update(param, grad, velocity, lr, momentum, weight_decay):
     check_optimizer_update(param, grad, {"velocity": velocity})
-    return (_check_scalar("lr", lr), _check_scalar("momentum", momentum, 0.0),
-            _check_scalar("weight_decay", weight_decay, 0.0))
+    return (check_scalar("lr", lr), check_scalar("momentum", momentum, 0.0),
+            check_scalar("weight_decay", weight_decay, 0.0))
 
 
 def check_adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
     check_optimizer_update(param, grad, {"m": m, "v": v})
     step = check_int("step", step, 1)
-    return (_check_scalar("lr", lr), _check_scalar("beta1", beta1, 0.0, 1.0),
-            _check_scalar("beta2", beta2, 0.0, 1.0), _check_scalar("eps", eps, 0.0),
-            _check_scalar("weight_decay", weight_decay, 0.0), step)
+    return (check_scalar("lr", lr), check_scalar("beta1", beta1, 0.0, 1.0),
+            check_scalar("beta2", beta2, 0.0, 1.0), check_scalar("eps", eps, 0.0),
+            check_scalar("weight_decay", weight_decay, 0.0), step)
 
 
 def check_softmax_cross_entropy(logits, labels):
@@ -323,7 +325,7 @@ def check_dropout(x, keep, scale):
         got = (f"{keep.dtype} {keep.shape}" if isinstance(keep, np.ndarray)
                else type(keep).__name__)
         raise ValueError(f"keep must be a bool array shaped like x {x.shape}, got {got}")
-    return _check_scalar("scale", scale, 0.0)
+    return check_scalar("scale", scale, 0.0)
 
 
 def _check_channels(name, a, c, dtype):
@@ -341,10 +343,7 @@ def check_batchnorm(x, gamma, beta, eps, stats=()):
                          f"{x.shape}")
     for name, a in (("gamma", gamma), ("beta", beta), *stats):
         _check_channels(name, a, c, x.dtype)
-    eps = _check_scalar("eps", eps, 0.0)
-    if eps <= 0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
-    return eps
+    return check_scalar("eps", eps, positive=True)
 
 
 def check_batchnorm_backward(dy, x, gamma, mean, var, eps):

@@ -249,7 +249,7 @@ def _conv3x3_forward_s1(xf, wg, b, hp, wp, y, fb, v, size):
     literally(fb)
     literally(v)
     literally(size)
-    C, S = xf.shape
+    S = xf.shape[1]
     groups = wg.shape[0]
     N, F, OH, OW = y.shape
     per_row = (OW + v - 1) // v  # tiles per output row; the last may overhang into junk
@@ -280,7 +280,7 @@ def _conv3x3_forward_across(xf, wg, b, hp, wp, y, fb, v, size):
     literally(fb)
     literally(v)
     literally(size)
-    C, S = xf.shape
+    S = xf.shape[1]
     groups = wg.shape[0]
     N, F, OH, OW = y.shape
     per_image = ((OH - 1) * wp + OW + v - 1) // v
