@@ -12,6 +12,8 @@ import importlib
 import os
 import threading
 
+from . import memory
+
 # name -> module inside fastcnn.kernels
 BACKENDS = {
     "naive": "naive",
@@ -77,6 +79,7 @@ def load(name: str):
     module = _modules.get(name)
     if module is None:
         _check_name(name, "")
+        memory.apply_once()
         module = _modules[name] = importlib.import_module(f"fastcnn.kernels.{BACKENDS[name]}")
     return module
 

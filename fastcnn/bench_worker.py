@@ -182,7 +182,7 @@ def main(argv=None):
     if args.engine != TORCH:  # what `fastcnn train` does; PyTorch keeps its own allocator
         from fastcnn import memory
 
-        memory.retain_freed_memory()
+        memory.apply_once()
     serve(args.engine, args.model, args.batch_size, args.threads, warmup=not args.no_warmup)
 
 

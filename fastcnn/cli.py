@@ -389,7 +389,7 @@ def cmd_info(args):
     import numba
     import numpy as np
 
-    from . import backend, threads
+    from . import backend, memory, threads
 
     if args.threads:
         threads.set_num_threads(args.threads)
@@ -404,6 +404,7 @@ def cmd_info(args):
         ("backends", ", ".join(backend.available_backends())),
         ("active backend", backend.get_backend()),
         ("CPU", f"{_cpu_model()} ({os.cpu_count()} logical cores)"),
+        ("memory", memory.apply_once()),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -422,7 +423,7 @@ def main(argv=None):
         args = _parser().parse_args(argv)
         from . import memory
 
-        memory.retain_freed_memory()
+        memory.apply_once()
         return args.func(args)
     except KeyboardInterrupt:
         print("fastcnn: interrupted", file=sys.stderr)

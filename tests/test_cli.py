@@ -116,7 +116,7 @@ def test_ctrl_c_anywhere_in_main_is_one_line(monkeypatch, capsys):
     def interrupt():
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(memory, "retain_freed_memory", interrupt)
+    monkeypatch.setattr(memory, "apply_once", interrupt)
     assert cli.main(["info"]) == 130
     assert capsys.readouterr().err == "fastcnn: interrupted\n"
 

@@ -67,3 +67,24 @@ def test_retain_freed_memory_reports_whether_it_applied():
     assert isinstance(applied, bool)
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert applied
+
+
+@pytest.mark.parametrize("env", ["", "0"])
+def test_the_first_kernel_load_keeps_freed_memory_unless_told_not_to(env):
+    """Library users (not only the CLI) get glibc's thresholds fixed, once the kernels load."""
+    import os
+    import platform
+
+    code = ("import fastcnn, numpy as np\n"
+            "from fastcnn import memory, models\n"
+            "assert not memory._status\n"  # importing alone changes nothing
+            "models.build('simple', seed=0).forward(np.zeros((1, 1, 28, 28), np.float32))\n"
+            "print(memory._status[0])\n")
+    environ = dict(os.environ, FASTCNN_RETAIN_FREED_MEMORY=env)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env=environ)
+    assert run.returncode == 0, run.stderr
+    if env == "0":
+        assert run.stdout.startswith("malloc left alone (FASTCNN_RETAIN_FREED_MEMORY=0)")
+    elif platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert run.stdout.startswith("freed memory kept for reuse")
