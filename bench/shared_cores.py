@@ -8,7 +8,8 @@
 Each training is a process of its own (``fastcnn.bench_worker``) using every core (its default);
 first one trains alone for --seconds, then two train at the same time for --seconds, --rounds
 times. The report is each concurrent training's speed as a share of the speed alone: two
-processes that shared the cores perfectly would each keep 50%.
+processes that shared the cores perfectly would each keep 50%. fastcnn tunes its thread count as
+it trains (``fastcnn.threads.Tuner``), as ``ConvNet.fit`` does, unless --threads fixes it.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def main():
     procs = [start(args.engine, args.model, args.batch, args.threads) for _ in range(2)]
     probe = rate(procs[0], 3)
     batches = max(2, round(args.seconds * probe / args.batch))
-    shares = []
+    alones, togethers = [], []
     for r in range(args.rounds):
         alone = [rate(proc, batches) for proc in procs]
         together = [0.0, 0.0]
@@ -63,11 +64,16 @@ def main():
             t.start()
         for t in threads:
             t.join()
-        share = [together[i] / alone[i] for i in range(2)]
-        shares.append(min(share))
+        alones.append(alone)
+        togethers.append(together)
         print(f"round {r + 1}: alone {alone[0]:,.0f} and {alone[1]:,.0f} img/s; together "
-              f"{together[0]:,.0f} and {together[1]:,.0f} img/s; the slower kept "
-              f"{min(share):.0%}", flush=True)
+              f"{together[0]:,.0f} and {together[1]:,.0f} img/s", flush=True)
+    # The speed alone is each training's best alone: fastcnn's thread tuner may still run on
+    # the one thread it chose while the other training ran, until its next probe.
+    best = [max(a[i] for a in alones) for i in range(2)]
+    shares = [min(t[i] / best[i] for i in range(2)) for t in togethers]
+    print("the slower kept " + ", ".join(f"{s:.0%}" for s in shares) + " of its best speed alone "
+          f"({best[0]:,.0f} and {best[1]:,.0f} img/s) in the rounds")
     for proc in procs:
         proc.stdin.write("quit\n")
         proc.stdin.flush()

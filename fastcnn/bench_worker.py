@@ -27,10 +27,14 @@ class FastcnnEngine:
     def __init__(self, backend, model, batch_size, threads, lr=0.05, seed=0):
         import fastcnn
         from fastcnn import models
+        from fastcnn import threads as thread_count
 
         fastcnn.set_backend(backend)
         if threads:
             fastcnn.set_num_threads(threads)
+        # as in ConvNet.fit: unless --threads fixed it, the count is tuned as batches run
+        self.tuners = {k: thread_count.Tuner(enabled=backend != "naive")
+                       for k in ("train", "infer")}
         self.net = models.build(model, seed=seed)
         self.opt = fastcnn.SGD(lr)
         self.buf = np.empty((batch_size, 1, 28, 28), np.float32)
@@ -40,10 +44,18 @@ class FastcnnEngine:
         return np.multiply(x, np.float32(1 / 255), out=self.buf[: len(x)])
 
     def train(self, x, y):
+        self.tuners["train"].start()
         self.net.train_step(self._scale(x), y, self.opt)
+        self.tuners["train"].stop(len(x))
 
     def infer(self, x):
-        return self.net.forward(self._scale(x)).argmax(axis=1)
+        self.tuners["infer"].start()
+        out = self.net.forward(self._scale(x)).argmax(axis=1)
+        self.tuners["infer"].stop(len(x))
+        return out
+
+    def threads_used(self, what):
+        return self.tuners[what].most_used()
 
 
 def torch_model(name):
@@ -163,7 +175,9 @@ def serve(engine, model, batch_size, threads, warmup=True):
                 runner.train(xb, yb)
             else:
                 runner.infer(xb)
-        reply({"seconds": time.perf_counter() - start, "images": count * batch_size})
+        used = getattr(runner, "threads_used", None)
+        reply({"seconds": time.perf_counter() - start, "images": count * batch_size,
+               "threads": used(words[0]) if used else None})
 
 
 def reply(obj):

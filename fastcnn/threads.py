@@ -2,11 +2,22 @@
 
 ``set_num_threads(n)`` sets both, so that whichever backend runs, it uses n cores, and the two
 runtimes don't fight over the same cores.
+
+Unless a count was set that way, training chooses it as it goes (``Tuner``): on a shared machine
+the fastest count is often not all cores. Every parallel kernel waits for its slowest thread, and
+a thread whose core another process holds is descheduled for a time slice: two trainings of the
+complex model at batch 64 started together on two cores, two threads each, kept 17-28% of their
+speed alone; with one thread each, 55%. And even alone, a two-vCPU virtual machine can make small
+parallel kernels lose: the simple model at batch 10 trained at 43k img/s on two threads and 71k on
+one on the same machine within minutes (at other times, 83k on two).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
+import statistics
+import time
 
 # OpenBLAS builds name their setter differently (NumPy's wheels use a prefixed 64-bit build).
 _BLAS_SETTERS = ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
@@ -46,18 +57,41 @@ def max_threads() -> int:
     return numba.config.NUMBA_NUM_THREADS
 
 
-def set_num_threads(n: int) -> None:
-    """Use n threads for the kernels: Numba's pool and, for the numpy backend, OpenBLAS's."""
+_fixed: list = []  # [n] once set_num_threads(n) fixed the count; empty: training tunes it
+_setters: list = []  # [the BLAS setter functions], found once
+
+
+def _apply(n):
     import numba
 
+    numba.set_num_threads(n)
+    if not _setters:
+        _setters.append(list(_blas_functions(_BLAS_SETTERS)))
+    for setter in _setters[0]:
+        setter(ctypes.c_int(n))
+
+
+def set_num_threads(n) -> None:
+    """Use n threads for the kernels: Numba's pool and, for the numpy backend, OpenBLAS's.
+
+    A count set here is kept: training no longer tunes it (see ``Tuner``). ``"auto"`` goes back
+    to all cores, tuned by training."""
+    if n == "auto":
+        _fixed.clear()
+        _apply(max_threads())
+        return
     if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"the thread count must be an int, got {n!r}")
+        raise TypeError(f"the thread count must be an int or 'auto', got {n!r}")
     if not 1 <= n <= max_threads():
         raise ValueError(f"the thread count must be between 1 and {max_threads()} "
                          f"(NUMBA_NUM_THREADS), got {n}")
-    numba.set_num_threads(n)
-    for setter in _blas_functions(_BLAS_SETTERS):
-        setter(ctypes.c_int(n))
+    _fixed[:] = [n]
+    _apply(n)
+
+
+def tuned() -> bool:
+    """Whether training chooses the thread count (no count was fixed with set_num_threads)."""
+    return not _fixed
 
 
 def get_num_threads() -> int:
@@ -85,3 +119,140 @@ def threading_layer() -> str:
     except ValueError:  # no parallel kernel has run yet: run a tiny one
         numba_jit.relu_forward(np.zeros(1, np.float32))
         return numba.threading_layer()
+
+
+def _cpu_jiffies():
+    """(idle, all) CPU time over all cores since boot, from /proc/stat; None if unreadable."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 5:
+        return None
+    return fields[3] + fields[4], sum(fields[:8])
+
+
+class Tuner:
+    """Chooses, while a loop of batches runs, the thread count that runs them fastest now.
+
+    It times a few batches on each candidate count (all cores, then halving down to one), keeps
+    the fastest, and probes again every ``reprobe_s`` seconds; sooner when the batches get 1.5x
+    slower than when it chose (another process took the cores), or when it runs on fewer than
+    all cores and at least one core has been idle over the last second (the other process is
+    gone; Linux's /proc/stat tells). The numbers computed do not
+    depend on the count (every kernel writes its own slices; ``tests/test_threads.py``), so only
+    the speed changes. Used as::
+
+        tuner.start(); <one batch>; tuner.stop(images)
+
+    A Tuner over one candidate (one core, or a count fixed by ``set_num_threads``), or not
+    ``enabled`` (the naive backend, which runs no threads), only counts images.
+    """
+
+    SETTLE = 0  # untimed batches after switching the count (a median of PROBE is enough)
+    PROBE = 4  # timed batches per candidate
+    SLOWER = 1.5  # re-probe when the recent batches are this much slower than at the choice
+    IDLE_EVERY_S = 1.0  # how often to look for idle cores while on fewer than all
+    IDLE_AFTER_S = 3.0  # not sooner than this after a choice
+
+    def __init__(self, maximum=None, reprobe_s=20.0, clock=time.perf_counter, enabled=True,
+                 cpu_times=None):
+        top = maximum or max_threads()
+        self.candidates = [top]
+        while self.candidates[-1] > 1:
+            self.candidates.append(self.candidates[-1] // 2)
+        self.active = enabled and tuned() and top > 1
+        self.reprobe_s = reprobe_s
+        self.clock = clock
+        self.chosen = top if self.active else None
+        self.probing = []  # [candidate, batches left to settle, per-image times]
+        self.results = {}  # candidate -> median seconds per image in the last probe
+        self.recent = []  # per-image times since the choice
+        self.since = None  # when the current choice was made
+        self.t0 = None
+        self.images = {}  # count -> images trained on it (for the history)
+        self.current = top if self.active else get_num_threads()
+        self.idle_mark = None  # (time, idle jiffies, all jiffies) of the last look
+        self.cpu_times = cpu_times or _cpu_jiffies
+
+    def _begin_probe(self):
+        self.results = {}
+        self.probing = [[c, self.SETTLE, []] for c in self.candidates]
+
+    def start(self):
+        if not self.active:
+            return
+        if self.since is None and not self.probing:  # the first batch compiles: not timed
+            self._begin_probe()
+            self.probing[0][1] += 1
+        n = self.probing[0][0] if self.probing else self.chosen
+        if n != get_num_threads():  # (another loop may have changed it)
+            _apply(n)
+        self.current = n
+        self.t0 = self.clock()
+
+    def stop(self, images):
+        self.images[self.current] = self.images.get(self.current, 0) + images
+        if not self.active or self.t0 is None:
+            return
+        now = self.clock()
+        per_image = (now - self.t0) / max(images, 1)
+        self.t0 = None
+        if self.probing:
+            entry = self.probing[0]
+            if entry[1] > 0:
+                entry[1] -= 1
+            else:
+                entry[2].append(per_image)
+            best = min(self.results.values(), default=None)
+            hopeless = best is not None and entry[2] and entry[2][-1] > 2 * best
+            if len(entry[2]) == self.PROBE or hopeless:  # (don't linger on a bad count)
+                self.results[entry[0]] = statistics.median(entry[2])
+                self.probing.pop(0)
+                if not self.probing:
+                    self.chosen = min(self.results, key=self.results.get)
+                    self.since, self.recent = now, []
+            return
+        self.recent.append(per_image)
+        if len(self.recent) > 2 * self.PROBE:
+            self.recent.pop(0)
+        slower = (len(self.recent) == 2 * self.PROBE and statistics.median(self.recent)
+                  > self.SLOWER * self.results[self.chosen])
+        if slower or now - self.since > self.reprobe_s or self._cores_idle(now):
+            self._begin_probe()
+            self.probing.sort(key=lambda e: e[0] != self.chosen)  # the current count first
+
+    def _cores_idle(self, now):
+        """On fewer than all cores: was a core idle over the last second (say, another training
+        ended)? Looks at most once a second; False where /proc/stat can't be read."""
+        if self.chosen == self.candidates[0] or now - self.since < self.IDLE_AFTER_S:
+            self.idle_mark = None
+            return False
+        if self.idle_mark is not None and now - self.idle_mark[0] < self.IDLE_EVERY_S:
+            return False
+        counts = self.cpu_times()
+        if counts is None:
+            return False
+        mark, self.idle_mark = self.idle_mark, (now, *counts)
+        if mark is None:
+            return False
+        idle, total = counts[0] - mark[1], counts[1] - mark[2]
+        return total > 0 and idle / total * (os.cpu_count() or 1) >= 1.0
+
+    def most_used(self):
+        """The count that ran the most images since the last call (the fixed or current count
+        when not tuning)."""
+        counts, self.images = self.images, {}
+        if not counts:
+            return get_num_threads()
+        return max(counts, key=counts.get)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        """Back to all cores, the count outside a tuned loop."""
+        if self.active and get_num_threads() != self.candidates[0]:
+            _apply(self.candidates[0])
+        self.current = self.candidates[0]

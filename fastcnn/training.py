@@ -20,7 +20,7 @@ import zlib
 
 import numpy as np
 
-from . import atomic, serialize
+from . import atomic, backend, serialize, threads
 from .kernels import _contract
 from .optim import SGD, Optimizer, Schedule, optimizer_from_record, schedule_from_config
 
@@ -120,7 +120,7 @@ def _progress(total, desc, verbose):
 
 
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds",
-                "images_per_second")
+                "images_per_second", "threads")
 
 
 def _fingerprint(x, y):
@@ -183,7 +183,8 @@ class Trainer:
         n = len(x)
         batches = -(-n // self.batch_size)
         buf = np.empty((min(self.batch_size, n),) + x.shape[1:], net.dtype)
-        with _Interrupts(checkpoint is not None) as interrupts:
+        self.tuner = threads.Tuner(enabled=backend.get_backend() != "naive")
+        with _Interrupts(checkpoint is not None) as interrupts, self.tuner:
             while self.epoch < self.epochs and not self.stopped_early:
                 epoch = self.epoch + 1
                 if self.order is None:  # a new epoch (a resumed one keeps its saved order)
@@ -206,7 +207,9 @@ class Trainer:
                             self.optimizer.lr = self.optimizer.base_lr * self.schedule.factor(at)
                         if b == 0:
                             self.history["lr"].append(self.optimizer.lr)
+                        self.tuner.start()
                         loss, logits = net.train_step(xb, yb, self.optimizer)
+                        self.tuner.stop(len(idx))
                         self.watch.check(loss, epoch, b + 1, xb)
                         self.steps += 1
                         self.batch = b + 1
@@ -244,6 +247,7 @@ class Trainer:
         h["accuracy"].append(p["correct"] / p["seen"])
         h["seconds"].append(p["seconds"])
         h["images_per_second"].append(p["seen"] / max(p["seconds"], 1e-9))
+        h["threads"].append(self.tuner.most_used())
         net.eval()
         if self.validation_data is not None:
             val = net._evaluate(*self.validation_data, batch_size=64)
@@ -264,7 +268,9 @@ class Trainer:
                     f"train acc {h['accuracy'][-1]:.2%}")
             if self.validation_data is not None:
                 line += f"  val loss {h['val_loss'][-1]:.4f}  val acc {h['val_accuracy'][-1]:.2%}"
-            line += f"  {p['seconds']:.1f} s ({p['seen'] / max(p['seconds'], 1e-9):,.0f} img/s)"
+            n = h["threads"][-1]
+            line += (f"  {p['seconds']:.1f} s ({p['seen'] / max(p['seconds'], 1e-9):,.0f} img/s, "
+                     f"{n} thread{'s' if n != 1 else ''})")
             print(line + note, flush=True)
 
     def _interrupted(self, checkpoint):

@@ -9,9 +9,10 @@ from fastcnn import threads
 
 @pytest.fixture
 def restore_threads():
-    before = threads.get_num_threads()
+    before, fixed = threads.get_num_threads(), list(threads._fixed)
     yield
     threads.set_num_threads(before)
+    threads._fixed[:] = fixed
 
 
 def test_set_num_threads_sets_numba_and_blas(restore_threads):
@@ -88,3 +89,157 @@ def test_the_first_kernel_load_keeps_freed_memory_unless_told_not_to(env):
         assert run.stdout.startswith("malloc left alone (FASTCNN_RETAIN_FREED_MEMORY=0)")
     elif platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert run.stdout.startswith("freed memory kept for reuse")
+
+
+def busy_cores():
+    return None  # as where /proc/stat can't be read: no idle-core signal
+
+
+class FakeClock:
+    """A clock the test advances: each batch 'takes' cost[thread count] seconds."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def run_batches(tuner, clock, cost, count, images=10):
+    used = []
+    for _ in range(count):
+        tuner.start()
+        used.append(threads.get_num_threads())
+        clock.now += cost(threads.get_num_threads())
+        tuner.stop(images)
+    return used
+
+
+needs_two = pytest.mark.skipif(threads.max_threads() < 2, reason="tuning needs 2+ threads")
+
+
+@needs_two
+def test_the_tuner_picks_the_faster_count_and_goes_back_to_all_cores(restore_threads):
+    threads.set_num_threads("auto")
+    top = threads.max_threads()
+    clock = FakeClock()
+    with threads.Tuner(reprobe_s=1e9, clock=clock, cpu_times=busy_cores) as tuner:
+        used = run_batches(tuner, clock, lambda n: 1.0 if n == 1 else 3.0, 60)
+        assert used[-10:] == [1] * 10  # one thread was 3x faster: chosen
+        assert tuner.most_used() == 1
+    assert threads.get_num_threads() == top
+    clock = FakeClock()
+    with threads.Tuner(reprobe_s=1e9, clock=clock, cpu_times=busy_cores) as tuner:
+        used = run_batches(tuner, clock, lambda n: 1.0 / n, 60)
+        assert used[-10:] == [top] * 10  # all cores fastest: kept
+        assert set(used) == set(tuner.candidates)  # after trying every candidate
+
+
+@needs_two
+def test_the_tuner_probes_again_when_batches_slow_down(restore_threads):
+    threads.set_num_threads("auto")
+    top = threads.max_threads()
+    clock = FakeClock()
+    busy = [False]  # another process takes the cores: all cores become 10x slower
+
+    def cost(n):
+        return (10.0 if busy[0] and n > 1 else 1.0) / (n if n == top else 1)
+
+    with threads.Tuner(reprobe_s=1e9, clock=clock, cpu_times=busy_cores) as tuner:
+        assert run_batches(tuner, clock, cost, 40)[-5:] == [top] * 5
+        busy[0] = True
+        assert run_batches(tuner, clock, cost, 60)[-5:] == [1] * 5
+
+
+@needs_two
+def test_the_tuner_probes_again_after_a_while(restore_threads):
+    threads.set_num_threads("auto")
+    clock = FakeClock()
+    fast = [1]
+
+    def cost(n):
+        return 1.0 if n == fast[0] else 2.0
+
+    with threads.Tuner(reprobe_s=100.0, clock=clock, cpu_times=busy_cores) as tuner:
+        assert run_batches(tuner, clock, cost, 40)[-5:] == [1] * 5
+        fast[0] = threads.max_threads()  # one thread is no longer the fastest
+        used = run_batches(tuner, clock, cost, 200)
+        assert used[-5:] == [threads.max_threads()] * 5
+
+
+def test_a_fixed_count_is_never_tuned(restore_threads):
+    fastcnn.set_num_threads(1)
+    clock = FakeClock()
+    with threads.Tuner(clock=clock, cpu_times=busy_cores) as tuner:
+        assert not tuner.active
+        assert run_batches(tuner, clock, lambda n: 1.0 if n > 1 else 5.0, 30) == [1] * 30
+        assert tuner.most_used() == 1
+    assert threads.get_num_threads() == 1
+    assert not threads.tuned()
+    threads.set_num_threads("auto")
+    assert threads.tuned() and threads.get_num_threads() == threads.max_threads()
+    with pytest.raises(TypeError, match="int or 'auto'"):
+        threads.set_num_threads("all")
+
+
+def test_fit_records_its_thread_count_per_epoch_and_restores_all_cores(restore_threads, rng):
+    import numpy as np
+
+    from fastcnn import models
+
+    threads.set_num_threads("auto")
+    x = rng.integers(0, 255, (60, 1, 28, 28), dtype=np.uint8)
+    y = rng.integers(0, 10, 60)
+    history = models.build("simple", seed=0).fit(x, y, epochs=2, batch_size=5)
+    assert len(history["threads"]) == 2
+    assert all(1 <= n <= threads.max_threads() for n in history["threads"])
+    assert threads.get_num_threads() == threads.max_threads()
+    fastcnn.set_num_threads(1)
+    history = models.build("simple", seed=0).fit(x, y, epochs=1, batch_size=5)
+    assert history["threads"] == [1]
+
+
+@pytest.mark.parametrize("batch", [2, 16])
+def test_the_modern_model_trains_the_same_on_one_thread_and_all(restore_threads, rng, batch):
+    """BatchNorm, Dropout and Adam too: the tuner may switch counts mid-run."""
+    import numpy as np
+
+    from fastcnn import models
+
+    x = rng.integers(0, 255, (32, 1, 28, 28), dtype=np.uint8)
+    y = rng.integers(0, 10, 32)
+    results = []
+    for n in (1, threads.max_threads()):
+        fastcnn.set_num_threads(n)
+        with fastcnn.use_backend("numba"):
+            net = models.build("modern", seed=0)
+            net.fit(x, y, epochs=1, batch_size=batch, seed=0, optimizer=fastcnn.Adam(1e-3))
+        results.append([a for _, a, _ in net.parameters()] + [b for _, b in net.buffers()])
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@needs_two
+def test_the_tuner_probes_again_when_a_core_goes_idle(restore_threads):
+    """On one thread because another process held the cores: once /proc/stat shows an idle
+    core, it tries all cores again without waiting for reprobe_s."""
+    threads.set_num_threads("auto")
+    top = threads.max_threads()
+    clock = FakeClock()
+    other = [True]  # another process keeps every other core busy
+    seen = {"time": 0.0, "idle": 0.0}
+
+    def cpu_times():  # idle and total jiffies, advancing with the fake clock
+        if not other[0]:
+            seen["idle"] += (clock.now - seen["time"]) * 100 * (top - 1)
+        seen["time"] = clock.now
+        return seen["idle"], clock.now * 100 * top
+
+    def cost(n):
+        return 10.0 if other[0] and n > 1 else 1.0 / n
+
+    with threads.Tuner(reprobe_s=1e9, clock=clock, cpu_times=cpu_times) as tuner:
+        assert run_batches(tuner, clock, cost, 40)[-5:] == [1] * 5
+        assert run_batches(tuner, clock, cost, 20)[-5:] == [1] * 5  # still busy: stays
+        other[0] = False
+        assert run_batches(tuner, clock, cost, 40)[-5:] == [top] * 5
