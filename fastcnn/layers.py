@@ -167,12 +167,17 @@ class MaxPool2D(Layer):
 
     def forward(self, x):
         self._shape = x.shape
-        y, self._argmax = kernels().maxpool2d_forward(x, self.pool_size, self.stride)
+        # inference mode keeps no argmax: nothing will be backpropagated
+        y, self._argmax = kernels().maxpool2d_forward(x, self.pool_size, self.stride,
+                                                      with_argmax=self.training)
         return y
 
     def backward(self, dy, need_dx=True):
         if not need_dx:
             return None
+        if self._argmax is None:
+            raise RuntimeError(f"{self!r}: backward after a forward pass in inference mode, "
+                               "which keeps no argmax; call the network's train() first")
         return kernels().maxpool2d_backward(dy, self._argmax, self._shape, self.pool_size,
                                             self.stride)
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import serialize
 from .kernels import _contract
-from .layers import Layer, SoftmaxCrossEntropy
+from .layers import Layer, MaxPool2D, ReLU, SoftmaxCrossEntropy
 from .training import TrainingDiverged, fit_network, pixel_note  # noqa: F401 (re-exported)
 
 
@@ -151,8 +151,24 @@ class ConvNet:
 
     def forward(self, x):
         """Logits (N, K) for a batch already in the network's dtype."""
-        for layer in self.layers:
-            x = layer.forward(x)
+        layers = self.layers
+        if not layers or layers[0].training:
+            for layer in layers:
+                x = layer.forward(x)
+            return x
+        # Inference: a ReLU followed by max pooling runs after it instead, on a quarter of the
+        # values (for 2x2 pooling). Max and ReLU commute exactly, NaN included (both keep it),
+        # and nothing is kept for a backward pass.
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            if (isinstance(layer, ReLU) and i + 1 < len(layers) and not layer.training
+                    and isinstance(layers[i + 1], MaxPool2D) and not layers[i + 1].training):
+                x = layer.forward(layers[i + 1].forward(x))
+                i += 2
+            else:
+                x = layer.forward(x)
+                i += 1
         return x
 
     def backward(self, dlogits):

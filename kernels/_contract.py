@@ -13,7 +13,9 @@ Shapes, with ``OH = (H + 2*pad - KH) // stride + 1`` for convolution and
 - ``conv2d_grad_input(dy, w, input_shape, stride, pad) -> dx``: dx has ``input_shape``.
 - ``maxpool2d_forward(x, size, stride) -> (y, argmax)``: argmax (N, C, OH, OW) int64 holds, per
   output cell, the flat index ``h * W + w`` in its input plane of the maximum. Ties go to the
-  first maximum in row-major window order.
+  first maximum in row-major window order. ``maxpool2d_forward(x, size, stride,
+  with_argmax=False) -> (y, None)``: the same y without the argmax (inference: nothing to
+  backpropagate, and argmax, int64, is twice y's bytes in float32).
 - ``maxpool2d_backward(dy, argmax, input_shape, size, stride) -> dx``: dy scattered to the
   argmax positions; overlapping windows accumulate.
 - ``relu_forward(x) -> y`` and ``relu_backward(dy, y) -> dx`` (y is the forward output).

@@ -94,10 +94,10 @@ def _beats(value, best):
     return value > best or (math.isnan(value) and not math.isnan(best))
 
 
-def maxpool2d_forward(x, size, stride):
+def maxpool2d_forward(x, size, stride, with_argmax=True):
     """y[n, c, i, j] = max_{p, q < size} x[n, c, i*stride + p, j*stride + q];
     argmax[n, c, i, j] = h * W + v of that maximum, the first one in row-major window order
-    (a NaN is the maximum of any window that holds one)."""
+    (a NaN is the maximum of any window that holds one); None unless with_argmax."""
     size, stride, (N, C, OH, OW) = c.check_pool_forward(x, size, stride)
     W = x.shape[3]
     y = np.zeros((N, C, OH, OW), x.dtype)
@@ -114,7 +114,7 @@ def maxpool2d_forward(x, size, stride):
                                 best_h, best_v = h, v
                     y[n, ch, i, j] = x[n, ch, best_h, best_v]
                     argmax[n, ch, i, j] = best_h * W + best_v
-    return y, argmax
+    return y, (argmax if with_argmax else None)
 
 
 def maxpool2d_backward(dy, argmax, input_shape, size, stride):

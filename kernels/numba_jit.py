@@ -633,6 +633,28 @@ def _pool2x2_forward(x, y, argmax):
             _pool_plane_with_nan(x, n, ch, 2, 2, y, argmax)
 
 
+@_parallel
+def _pool2x2_values(x, y, no_argmax):
+    """_pool2x2_forward without the argmax (inference); no_argmax is an empty int64 array."""
+    N, C = x.shape[0], x.shape[1]
+    OH, OW = y.shape[2], y.shape[3]
+    for t in prange(N * C):
+        n, ch = t // C, t % C
+        poison = x[n, ch, 0, 0] * 0
+        for i in range(OH):
+            top, bottom = x[n, ch, 2 * i], x[n, ch, 2 * i + 1]
+            out = y[n, ch, i]
+            for j in range(OW):
+                a, b = top[2 * j], top[2 * j + 1]
+                d, e = bottom[2 * j], bottom[2 * j + 1]
+                left = b if b > a else a
+                right = e if e > d else d
+                out[j] = right if right > left else left
+                poison += a + b + d + e
+        if poison - poison != 0:  # a NaN or inf in the plane: pooled again by the rule
+            _pool_plane_with_nan(x, n, ch, 2, 2, y, no_argmax)
+
+
 @_serial
 def _pool_plane_with_nan(x, n, ch, size, stride, y, argmax):
     W = x.shape[3]
@@ -647,19 +669,22 @@ def _pool_plane_with_nan(x, n, ch, size, stride, y, argmax):
                         best = v
                         bh, bv = i * stride + p, j * stride + q
             y[n, ch, i, j] = best
-            argmax[n, ch, i, j] = bh * W + bv
+            if argmax.size:  # (empty: values only)
+                argmax[n, ch, i, j] = bh * W + bv
 
 
-def maxpool2d_forward(x, size, stride):
-    """Max over size x size windows moved by stride: (y (N, C, OH, OW), argmax int64 h*W + w)."""
+def maxpool2d_forward(x, size, stride, with_argmax=True):
+    """Max over size x size windows moved by stride: (y (N, C, OH, OW), argmax int64 h*W + w,
+    or None unless with_argmax)."""
     size, stride, shape = c.check_pool_forward(x, size, stride)
     y = np.empty(shape, x.dtype)
-    argmax = np.empty(shape, np.int64)
+    argmax = np.empty(shape if with_argmax else (0, 0, 0, 0), np.int64)
+    x = np.ascontiguousarray(x)
     if size == 2 and stride == 2:  # the seed's models pool only this way
-        _pool2x2_forward(np.ascontiguousarray(x), y, argmax)
+        (_pool2x2_forward if with_argmax else _pool2x2_values)(x, y, argmax)
     else:
-        _pool_forward(np.ascontiguousarray(x), size, stride, y, argmax)
-    return y, argmax
+        _pool_forward(x, size, stride, y, argmax)
+    return y, (argmax if with_argmax else None)
 
 
 @_parallel

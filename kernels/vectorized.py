@@ -75,15 +75,16 @@ def conv2d_grad_input(dy, w, input_shape, stride, pad):
     return np.ascontiguousarray(dxp[:, :, pad : pad + h, pad : pad + wd])
 
 
-def maxpool2d_forward(x, size, stride):
-    """y[n, c, i, j] = max of the size x size window at (i*stride, j*stride); argmax is where."""
+def maxpool2d_forward(x, size, stride, with_argmax=True):
+    """y[n, c, i, j] = max of the size x size window at (i*stride, j*stride); argmax is where
+    (None unless with_argmax)."""
     size, stride, (n, ch, oh, ow) = c.check_pool_forward(x, size, stride)
     w = x.shape[3]
     # One whole-array pass per window position (p, q), in row-major order: a cell moves to a
     # later position only when strictly greater, so ties keep the first maximum (the contract);
     # a NaN counts as larger than every number.
     y = x[:, :, : stride * oh : stride, : stride * ow : stride].copy()
-    k = np.zeros(y.shape, np.int64)
+    k = np.zeros(y.shape, np.int64) if with_argmax else None
     for p in range(size):
         for q in range(size):
             if p == q == 0:
@@ -91,7 +92,10 @@ def maxpool2d_forward(x, size, stride):
             v = x[:, :, p : p + stride * oh : stride, q : q + stride * ow : stride]
             better = (v > y) | (np.isnan(v) & ~np.isnan(y))  # NOTE: the first NaN wins
             np.copyto(y, v, where=better)
-            np.copyto(k, p * w + q, where=better)
+            if with_argmax:
+                np.copyto(k, p * w + q, where=better)
+    if not with_argmax:
+        return y, None
     corner = (np.arange(oh)[:, None] * stride) * w + np.arange(ow) * stride
     return y, k + corner
 

@@ -105,6 +105,14 @@ def test_dense_tile_edges_agree_with_naive(fast, rng, n, inputs, outputs, dtype)
         np.testing.assert_allclose(got, want, **tol(dtype))
 
 
+def assert_values_only_pool(fast, x, size, stride, y_ref):
+    """with_argmax=False (inference) gives the same y, NaN cells included, and no argmax."""
+    for k in (fast, NAIVE):
+        y, arg = k.maxpool2d_forward(x, size, stride, with_argmax=False)
+        assert arg is None
+        np.testing.assert_array_equal(y, y_ref)
+
+
 @pytest.mark.parametrize("case", pool_grid(), ids=case_id)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("ties", [False, True])
@@ -116,6 +124,7 @@ def test_pool_agrees_with_naive(fast, rng, case, dtype, ties):
     y_ref, arg_ref = NAIVE.maxpool2d_forward(x, size, stride)
     np.testing.assert_array_equal(arg, arg_ref)
     np.testing.assert_array_equal(y, y_ref)
+    assert_values_only_pool(fast, x, size, stride, y_ref)
     dy = rng.standard_normal(y.shape).astype(dtype)
     np.testing.assert_allclose(fast.maxpool2d_backward(dy, arg, x.shape, size, stride),
                                NAIVE.maxpool2d_backward(dy, arg_ref, x.shape, size, stride),
@@ -290,6 +299,7 @@ def test_pool_keeps_nan_and_points_at_the_first(fast, rng, case, dtype):
     assert np.isnan(y_ref).any()
     np.testing.assert_array_equal(y, y_ref)  # NaN in the same cells (array_equal: NaN == NaN)
     np.testing.assert_array_equal(arg, arg_ref)
+    assert_values_only_pool(fast, x, size, stride, y_ref)
     dy = poison(rng, rng.standard_normal(y.shape).astype(dtype))
     assert_nan_rule(fast.maxpool2d_backward(dy, arg, x.shape, size, stride),
                     NAIVE.maxpool2d_backward(dy, arg_ref, x.shape, size, stride), dtype, "dx")
@@ -342,6 +352,7 @@ def test_pool_with_sums_that_overflow_still_agrees(fast, rng, dtype):
         y_ref, arg_ref = NAIVE.maxpool2d_forward(x, size, stride)
         np.testing.assert_array_equal(y, y_ref)
         np.testing.assert_array_equal(arg, arg_ref)
+        assert_values_only_pool(fast, x, size, stride, y_ref)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

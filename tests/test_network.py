@@ -145,3 +145,27 @@ def test_load_rejects_a_file_whose_shapes_disagree(tmp_path):
     np.savez(path, **arrays)
     with pytest.raises(ValueError, match=r"layer 4 \(Dense\) weight"):
         ConvNet.load(path)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_pooling_in_inference_mode_keeps_no_argmax_and_gives_the_same_output(backend, rng):
+    from fastcnn import use_backend
+
+    x = rng.random((3, 1, 28, 28)).astype(np.float32)
+    with use_backend(backend):
+        net = build("complex", seed=0)
+        net.train()
+        trained_mode = net.forward(x)
+        net.eval()
+        inference = net.forward(x)
+        np.testing.assert_array_equal(inference, trained_mode)
+        pools = [layer for layer in net.layers if isinstance(layer, MaxPool2D)]
+        assert pools and all(p._argmax is None for p in pools)
+        with pytest.raises(RuntimeError, match="inference mode"):
+            pools[-1].backward(np.ones((3, 64, 7, 7), np.float32))
+        x[1, 0, 3, 4] = np.nan  # inference pools before the ReLU: NaN must still come out
+        net.train()
+        trained_mode = net.forward(x)
+        net.eval()
+        assert np.isnan(trained_mode[1]).all() and not np.isnan(trained_mode[[0, 2]]).any()
+        np.testing.assert_array_equal(net.forward(x), trained_mode)
