@@ -37,6 +37,7 @@ class Worker:
         if engine == "naive":
             cmd.append("--no-warmup")  # nothing to compile, and one batch takes minutes
         self.engine = engine
+        self.threads_seen = {}  # (train|infer, thread count) -> times reported
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, env=spawn.environment())
         self.ready = self._read()
@@ -57,7 +58,15 @@ class Worker:
 
     def rate(self, what, batches):
         r = self.ask(f"{what} {batches}")
+        if r.get("threads"):  # fastcnn: the count its thread tuner used most
+            key = (what, r["threads"])
+            self.threads_seen[key] = self.threads_seen.get(key, 0) + 1
         return r["images"] / r["seconds"]
+
+    def threads_used(self, what):
+        """The thread count fastcnn used in most ``what`` rounds (None for PyTorch)."""
+        seen = {n: k for (w, n), k in self.threads_seen.items() if w == what}
+        return max(seen, key=seen.get) if seen else None
 
     def close(self):
         """Ask for the peak memory, then end the process."""
@@ -88,6 +97,8 @@ class EngineResult:
     first_batch_s: float | None = None
     train_vs_torch: float | None = None
     infer_vs_torch: float | None = None
+    train_threads: int | None = None  # fastcnn's tuned count, most rounds (None: torch)
+    infer_threads: int | None = None
 
     @property
     def epoch_s(self):
@@ -140,7 +151,8 @@ def run_config(model, batch_size, engines, threads, rounds, seconds, progress=pr
         e = w.engine
         res = EngineResult(e, statistics.median(train[e]), statistics.median(infer[e]),
                            stats[e]["peak_rss_mb"], len(train[e]), counts[e],
-                           w.ready.get("first_batch_s"))
+                           w.ready.get("first_batch_s"), train_threads=w.threads_used("train"),
+                           infer_threads=w.threads_used("infer"))
         if TORCH in train and e != TORCH:
             n = len(train[e])  # the rounds this engine ran; torch ran in each of them
             res.train_vs_torch = statistics.median(
@@ -166,10 +178,11 @@ def _ratio(r):
 
 
 def format_table(result):
-    head = (f"model {result.model}, batch {result.batch_size}, {result.threads} threads, "
+    tuned = " at most" if any(e.train_threads for e in result.engines) else ""
+    head = (f"model {result.model}, batch {result.batch_size},{tuned} {result.threads} threads, "
             f"float32, mnist-sample")
     rows = [("engine", "train img/s", "infer img/s", "epoch (60k)", "30 epochs", "peak RSS",
-             "train vs torch", "infer vs torch")]
+             "train vs torch", "infer vs torch", "threads train/infer")]
     for e in result.engines:
         rows.append((
             e.engine if e.engine == TORCH else f"fastcnn {e.engine}",
@@ -178,6 +191,7 @@ def format_table(result):
             _duration(e.epoch_s), _duration(30 * e.epoch_s), f"{e.peak_rss_mb:,.0f} MB",
             _ratio(e.train_vs_torch),
             _ratio(e.infer_vs_torch),
+            f"{e.train_threads}/{e.infer_threads}" if e.train_threads else str(result.threads),
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [head]
@@ -187,6 +201,9 @@ def format_table(result):
         lines.append("  ".join(cells))
         if k == 0:
             lines.append("-" * len(lines[-1]))
+    if tuned:
+        lines.append("fastcnn's thread count is tuned as it trains (all cores, or fewer while "
+                     "faster), as in ConvNet.fit; --threads fixes it")
     rounds = {e.engine: e.rounds for e in result.engines}
     lines.append("rounds: " + ", ".join(f"{k} {v}" for k, v in rounds.items()))
     if result.compile:

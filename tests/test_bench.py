@@ -1,6 +1,7 @@
 """fastcnn bench, its worker processes, and PyTorch as an oracle for the benchmarked models."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -30,6 +31,10 @@ def test_bench_cli_table_json_and_chart(tmp_path):
         assert e["peak_rss_mb"] > 10  # a whole Python process with NumPy
         assert e["epoch_s"] == pytest.approx(60000 / e["train_ips"])
         assert e["train_vs_torch"] is None
+        # the thread count its tuner used most, as fit would (1 .. all cores)
+        assert 1 <= e["train_threads"] <= os.cpu_count()
+        assert 1 <= e["infer_threads"] <= os.cpu_count()
+    assert "threads train/infer" in run.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
