@@ -57,3 +57,42 @@ def cold_and_cached(model="simple", batch_size=10):
     for t in (cold, cached):
         t["compile_s"] = max(t["first_batch_s"] - t["steady_batch_s"], 0.0)
     return {"cold": cold, "cached": cached}
+
+
+class CompileNotice:
+    """Says on stderr what a slow first batch is doing: compiling Numba's kernels.
+
+    Started just before a run's first batch on the numba backend; if that batch is still running
+    after ``after_s`` seconds (a cached start takes well under one), it prints once that the
+    kernels are being compiled for this CPU, once per install, and when the batch ends, how long
+    it took. ``write`` is where lines go (tqdm.write under a progress bar)."""
+
+    def __init__(self, enabled=True, after_s=1.0, write=None):
+        import sys
+        import threading
+        import time
+
+        self._time = time.perf_counter
+        self._write = write or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._timer = threading.Timer(after_s, self._say) if enabled else None
+        self._said = False
+        self._start = None
+
+    def _say(self):
+        self._said = True
+        self._write("fastcnn: compiling the numba kernels for this CPU (the first run after an "
+                    "install or upgrade; later runs load them from Numba's cache) ...")
+
+    def __enter__(self):
+        self._start = self._time()
+        if self._timer is not None:
+            self._timer.daemon = True
+            self._timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer.join()
+        if self._said and exc[0] is None:
+            self._write(f"fastcnn: compiled in {self._time() - self._start:.1f} s")

@@ -12,6 +12,7 @@ on a checkpoint); ``load_checkpoint`` reads the rest too.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
@@ -110,6 +111,18 @@ class _NoBar:
         pass
 
 
+def _compile_notice(enabled):
+    """Around the run's first batch (numba, verbose): if it takes over a second, say that the
+    kernels are compiling (see jit_cost.CompileNotice)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from tqdm import tqdm
+
+    from .jit_cost import CompileNotice
+
+    return CompileNotice(write=lambda line: tqdm.write(line, file=sys.stderr))
+
+
 def _progress(total, desc, verbose):
     if not verbose:
         return _NoBar()
@@ -184,6 +197,7 @@ class Trainer:
         batches = -(-n // self.batch_size)
         buf = np.empty((min(self.batch_size, n),) + x.shape[1:], net.dtype)
         self.tuner = threads.Tuner(enabled=backend.get_backend() != "naive")
+        first_run = [backend.get_backend() == "numba"]
         with _Interrupts(checkpoint is not None) as interrupts, self.tuner:
             while self.epoch < self.epochs and not self.stopped_early:
                 epoch = self.epoch + 1
@@ -208,7 +222,9 @@ class Trainer:
                         if b == 0:
                             self.history["lr"].append(self.optimizer.lr)
                         self.tuner.start()
-                        loss, logits = net.train_step(xb, yb, self.optimizer)
+                        with _compile_notice(verbose and self.steps == 0 and first_run[0]):
+                            first_run[0] = False
+                            loss, logits = net.train_step(xb, yb, self.optimizer)
                         self.tuner.stop(len(idx))
                         self.watch.check(loss, epoch, b + 1, xb)
                         self.steps += 1

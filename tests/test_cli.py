@@ -219,3 +219,18 @@ def test_ctrl_c_during_training_writes_a_checkpoint_and_says_where(tmp_path):
     a, b = weights_of(tmp_path / "whole.npz"), weights_of(tmp_path / "resumed.npz")
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_the_first_run_says_it_is_compiling_and_a_cached_run_does_not(tmp_path):
+    import os
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))  # a fresh install
+    runs = [subprocess.run([sys.executable, "-m", "fastcnn.cli", "train", "--limit", "40",
+                            "--test-limit", "20", "--epochs", "1"], capture_output=True,
+                           text=True, timeout=300, env=env) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    assert "compiling the numba kernels" in runs[0].stderr
+    assert "fastcnn: compiled in " in runs[0].stderr
+    assert "compiling" not in runs[1].stderr  # loaded from the cache in well under a second
+    assert "thread" in runs[1].stdout.splitlines()[1]  # the epoch line says the thread count

@@ -74,3 +74,22 @@ def test_cache_works_from_a_read_only_install(installed, tmp_path):
     assert not list(installed.rglob("*.nbi"))  # nothing could be written beside the sources
     second = start()
     assert second["hits"] > 0 and second["misses"] == 0  # loaded from the fallback cache
+
+
+def test_a_slow_first_batch_says_it_is_compiling_and_a_fast_one_says_nothing():
+    import time
+
+    from fastcnn.jit_cost import CompileNotice
+
+    lines = []
+    with CompileNotice(after_s=0.01, write=lines.append):
+        time.sleep(0.3)  # a batch that compiles
+    assert len(lines) == 2
+    assert "compiling the numba kernels" in lines[0] and "once" not in lines[1]
+    assert lines[1].startswith("fastcnn: compiled in ")
+    lines.clear()
+    with CompileNotice(after_s=5.0, write=lines.append):
+        pass  # kernels loaded from the cache
+    with CompileNotice(enabled=False, after_s=0.0, write=lines.append):
+        time.sleep(0.05)
+    assert lines == []
