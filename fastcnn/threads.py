@@ -151,7 +151,9 @@ class Tuner:
     """
 
     SETTLE = 0  # untimed batches after switching the count (a median of PROBE is enough)
-    PROBE = 4  # timed batches per candidate
+    PROBE = 4  # timed batches per candidate, at least
+    PROBE_S = 0.03  # and at least this many seconds of them (tiny batches are noisy)
+    BETTER = 1.1  # fewer threads only when this much faster (else all cores)
     SLOWER = 1.5  # re-probe when the recent batches are this much slower than at the choice
     IDLE_EVERY_S = 1.0  # how often to look for idle cores while on fewer than all
     IDLE_AFTER_S = 3.0  # not sooner than this after a choice
@@ -166,8 +168,8 @@ class Tuner:
         self.reprobe_s = reprobe_s
         self.clock = clock
         self.chosen = top if self.active else None
-        self.probing = []  # [candidate, batches left to settle, per-image times]
-        self.results = {}  # candidate -> median seconds per image in the last probe
+        self.probing = []  # [candidate, batches left to settle, what was timed]
+        self.results = {}  # candidate -> mean seconds per image in the last probe
         self.recent = []  # per-image times since the choice
         self.since = None  # when the current choice was made
         self.t0 = None
@@ -200,18 +202,21 @@ class Tuner:
         per_image = (now - self.t0) / max(images, 1)
         self.t0 = None
         if self.probing:
-            entry = self.probing[0]
+            entry = self.probing[0]  # [count, batches to settle, [seconds, images, batches]]
             if entry[1] > 0:
                 entry[1] -= 1
-            else:
-                entry[2].append(per_image)
+                return
+            took = entry[2] or [0.0, 0, 0]
+            entry[2] = took = [took[0] + per_image * max(images, 1), took[1] + max(images, 1),
+                               took[2] + 1]
+            mean = took[0] / took[1]
             best = min(self.results.values(), default=None)
-            hopeless = best is not None and entry[2] and entry[2][-1] > 2 * best
-            if len(entry[2]) == self.PROBE or hopeless:  # (don't linger on a bad count)
-                self.results[entry[0]] = statistics.median(entry[2])
+            hopeless = best is not None and took[2] >= 2 and mean > 2 * best
+            if (took[2] >= self.PROBE and took[0] >= self.PROBE_S) or hopeless:
+                self.results[entry[0]] = mean
                 self.probing.pop(0)
                 if not self.probing:
-                    self.chosen = min(self.results, key=self.results.get)
+                    self.chosen = self._choose()
                     self.since, self.recent = now, []
             return
         self.recent.append(per_image)
@@ -222,6 +227,14 @@ class Tuner:
         if slower or now - self.since > self.reprobe_s or self._cores_idle(now):
             self._begin_probe()
             self.probing.sort(key=lambda e: e[0] != self.chosen)  # the current count first
+
+    def _choose(self):
+        """The fastest count, but fewer threads only when clearly faster than more."""
+        chosen = self.candidates[0]
+        for n in self.candidates[1:]:  # ever fewer threads
+            if self.results[n] * self.BETTER < self.results[chosen]:
+                chosen = n
+        return chosen
 
     def _cores_idle(self, now):
         """On fewer than all cores: was a core idle over the last second (say, another training
