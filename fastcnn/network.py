@@ -239,7 +239,7 @@ class ConvNet:
     # -- training and evaluation --------------------------------------------------------------
 
     def fit(self, x, y, epochs=1, batch_size=10, lr=None, validation_data=None, shuffle=True,
-            seed=None, verbose=False, optimizer=None, schedule=None, checkpoint=None,
+            seed=None, verbose=None, optimizer=None, schedule=None, checkpoint=None,
             resume=None, early_stopping=None, run_info=None):
         """Train in training mode; returns the per-epoch history (lists keyed by metric).
 
@@ -248,7 +248,8 @@ class ConvNet:
         0.05 unless given); its state carries over between calls. schedule: a
         ``fastcnn.optim`` schedule of the optimizer's learning rate, counted from this call's
         start. Validation runs in inference mode; the network is left in inference mode.
-        verbose: a tqdm progress bar per epoch and one line per epoch on stdout.
+        verbose: a tqdm progress bar per epoch and one line per epoch on stdout; by default
+        (None) on when stderr is a terminal or in a Jupyter kernel, off otherwise.
 
         checkpoint: a path written atomically after every epoch (and, on Ctrl-C, at the next
         batch boundary) with the model, optimizer state, schedule position, epoch, random

@@ -111,6 +111,16 @@ class _NoBar:
         pass
 
 
+def _interactive():
+    """Whether someone is watching: stderr is a terminal, or this is a Jupyter kernel."""
+    try:
+        if sys.stderr is not None and sys.stderr.isatty():
+            return True
+    except (AttributeError, ValueError):
+        pass
+    return "ipykernel" in sys.modules
+
+
 def _compile_notice(enabled):
     """Around the run's first batch (numba, verbose): if it takes over a second, say that the
     kernels are compiling (see jit_cost.CompileNotice)."""
@@ -430,4 +440,4 @@ def fit_network(net, x, y, epochs, batch_size, lr, validation_data, shuffle, see
                       shuffle, seed, early_stopping, run_info)
     if state is not None:
         trainer.restore(resume, state, arrays)
-    return trainer.run(verbose, checkpoint)
+    return trainer.run(_interactive() if verbose is None else bool(verbose), checkpoint)
