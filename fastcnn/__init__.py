@@ -21,8 +21,9 @@ _EXPORTS = {
     "SGD": "optim", "Adam": "optim", "AdamW": "optim",
     "get_num_threads": "threads", "set_num_threads": "threads",
 }
-_SUBMODULES = ("atomic", "backend", "benchmark", "datasets", "idx", "jit_cost", "kernels", "layers",
-               "memory", "models", "network", "optim", "serialize", "spawn", "threads")
+_SUBMODULES = ("atomic", "backend", "benchmark", "datasets", "history", "idx", "jit_cost",
+               "kernels", "layers", "memory", "models", "network", "optim", "plots", "predict",
+               "serialize", "spawn", "threads")
 
 __all__ = [*sorted(_EXPORTS), "__version__"]
 

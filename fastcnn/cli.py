@@ -146,7 +146,11 @@ def _parser():
                             "(default: %(default)s)")
     train.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                        help="precision of parameters and activations (default: %(default)s)")
-    train.add_argument("--save", metavar="PATH", help="write the trained model (.npz) here")
+    train.add_argument("--save", metavar="PATH", help="write the trained model (.npz) here, and "
+                                                      "its history beside it (.history.json, "
+                                                      ".history.csv)")
+    train.add_argument("--plot", metavar="DIR", help="after training, write the pictures of "
+                       "'fastcnn plot' and the history into folder DIR (needs matplotlib)")
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a saved model on a test set")
@@ -181,6 +185,44 @@ def _parser():
     bench.add_argument("--json", metavar="PATH", help="write the results as JSON")
     bench.add_argument("--plot", metavar="PATH", help="write a PNG chart (needs matplotlib)")
     bench.set_defaults(func=cmd_bench)
+
+    plot = sub.add_parser(
+        "plot", help="pictures of a trained model: learning curves, confusion matrix, ...",
+        description="Write PNGs of a saved model: its learning curves (from the history "
+                    "written beside it), the confusion matrix and misclassified images on the "
+                    "test set, the first convolution's filters and the feature maps of one test "
+                    "image. Needs matplotlib (pip install -e \".[plot]\").")
+    plot.add_argument("model", help="model file written by 'fastcnn train --save'")
+    plot.add_argument("--history", metavar="PATH", help="history JSON (default: the one beside "
+                                                        "the model, if any)")
+    plot.add_argument("--out", metavar="DIR", default="plots",
+                      help="folder for the PNGs (default: %(default)s)")
+    plot.add_argument("--image", type=int, default=0, metavar="INDEX",
+                      help="test image whose feature maps are drawn (default: %(default)s)")
+    plot.add_argument("--test-limit", type=_positive_int, help="use the first N test images")
+    _add_data_args(plot, "unused")
+    plot.set_defaults(func=cmd_plot)
+
+    predict = sub.add_parser(
+        "predict", help="the model's top classes for your own pictures (PNG, JPEG, ...)",
+        description="Read each picture (needs Pillow: pip install -e \".[image]\"), prepare it "
+                    "as the training images were made (digits: light ink on black, cropped to "
+                    "the ink, fitted in 20x20 and centred by centre of mass in 28x28) and print "
+                    "the most likely classes with their probabilities.")
+    predict.add_argument("model", help="model file written by 'fastcnn train --save'")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="picture files")
+    predict.add_argument("--top", type=_positive_int, default=3,
+                         help="how many classes to show (default: %(default)s)")
+    predict.add_argument("--style", choices=("digit", "fashion", "none"),
+                         help="how to prepare the picture (default: from the dataset the model "
+                              "was trained on, per its history file; else digit)")
+    predict.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
+                         help="dark ink on light paper is inverted (default: %(default)s: "
+                              "decided from the picture's border)")
+    predict.add_argument("--classes", help="comma-separated class names (default: the "
+                                           "dataset's, per the history file; else 0, 1, ...)")
+    _add_compute_args(predict)
+    predict.set_defaults(func=cmd_predict)
 
     info = sub.add_parser("info", help="version, backends, threads, CPU")
     info.add_argument("--threads", type=_positive_int, help="show the effect of --threads N")
@@ -266,7 +308,7 @@ def _resume_run(args):
 def cmd_train(args):
     import time
 
-    from . import backend, datasets, models, serialize
+    from . import atomic, backend, datasets, history, models, plots, serialize
 
     resumed = state = None
     if args.resume:
@@ -277,6 +319,12 @@ def cmd_train(args):
     for path in (args.save, args.checkpoint):  # now, not after the training
         if path:
             serialize.check_destination(path)
+    if args.save:
+        for path in history.paths_beside(args.save):
+            atomic.check_destination(path, "history")
+    if args.plot:
+        plots.check_available()
+        _check_folder(args.plot)
     _apply_compute_args(args)
     (x, y), (x_test, y_test) = datasets.load(args.dataset, args.data_dir, raw=True)
     (x_train, y_train), val = _split(x, y, args.limit, args.val_fraction)
@@ -305,17 +353,106 @@ def cmd_train(args):
               f"{args.epochs} epochs", flush=True)
     run = {key: getattr(args, key) for key in _RUN_KEYS}
     start = time.perf_counter()
-    net.fit(x_train, y_train, epochs=args.epochs, batch_size=args.batch_size, optimizer=opt,
-            schedule=schedule, validation_data=val, seed=args.seed, verbose=True,
-            checkpoint=args.checkpoint, resume=args.resume, early_stopping=args.early_stopping,
-            run_info=run)
+    record = net.fit(x_train, y_train, epochs=args.epochs, batch_size=args.batch_size,
+                     optimizer=opt, schedule=schedule, validation_data=val, seed=args.seed,
+                     verbose=True, checkpoint=args.checkpoint, resume=args.resume,
+                     early_stopping=args.early_stopping, run_info=run)
     trained = time.perf_counter() - start
     result = net.evaluate(x_test, y_test)
+    config = {**run, **{k: getattr(args, k, None) for k in ("recipe", *_RECIPE_FLAGS)},
+              "backend": backend.get_backend(), "resumed_from": args.resume,
+              "test_accuracy": result["accuracy"], "test_loss": result["loss"],
+              "test_images": len(x_test)}
     if args.save:
         net.save(args.save)
-        print(f"saved the model to {args.save}")
+        json_path, csv_path = history.paths_beside(args.save)
+        history.save(record, json_path, csv_path, config)
+        print(f"saved the model to {args.save} (history: {json_path}, {csv_path.name})")
     print(f"test accuracy {result['accuracy']:.2%} (loss {result['loss']:.4f}, "
           f"{len(x_test)} images) after {trained:.1f} s of training")
+    if args.plot:
+        from pathlib import Path
+
+        folder = Path(args.plot)
+        history.save(record, folder / "history.json", folder / "history.csv", config)
+        written = plots.save_all(net, x_test, y_test, folder, history=record,
+                                 class_names=datasets.class_names(args.dataset))
+        print(f"wrote {len(written)} pictures and the history to {folder}/: "
+              + ", ".join(p.name for p in written))
+    return 0
+
+
+def _check_folder(folder):
+    """The folder for pictures: created now (with its parents), or an error naming it."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"cannot write pictures into {folder}: it is a file")
+    folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write pictures into {folder}: no permission")
+
+
+def _history_beside(model_path, explicit=None):
+    """(history, config) from --history or the file beside the model; (None, {}) if none."""
+    from pathlib import Path
+
+    from . import history
+
+    path = Path(explicit) if explicit else history.paths_beside(model_path)[0]
+    if not path.is_file():
+        if explicit:
+            raise FileNotFoundError(f"no history file at {path}")
+        return None, {}
+    return history.load(path)
+
+
+def cmd_plot(args):
+    from . import datasets, plots
+    from .network import ConvNet
+
+    plots.check_available()
+    _check_folder(args.out)
+    _apply_compute_args(args)
+    net = ConvNet.load(args.model)
+    record, config = _history_beside(args.model, args.history)
+    dataset = args.dataset or config.get("dataset") or "mnist-sample"
+    data_dir = args.data_dir or config.get("data_dir")
+    _, (x_test, y_test) = datasets.load(dataset, data_dir, raw=True)
+    x_test, y_test = x_test[: args.test_limit], y_test[: args.test_limit]
+    written = plots.save_all(net, x_test, y_test, args.out, history=record,
+                             class_names=datasets.class_names(dataset), image_index=args.image)
+    if record is None:
+        print(f"no history beside {args.model} (train with --save to keep one): no learning "
+              "curves")
+    for path in written:
+        print(path)
+    return 0
+
+
+def cmd_predict(args):
+    from . import datasets, predict
+    from .network import ConvNet
+
+    _apply_compute_args(args)
+    net = ConvNet.load(args.model)
+    _, config = _history_beside(args.model)
+    dataset = config.get("dataset")
+    if args.classes:
+        names = [n.strip() for n in args.classes.split(",")]
+        if len(names) != net.num_classes():
+            raise ValueError(f"--classes names {len(names)} classes, the model has "
+                             f"{net.num_classes()}")
+    else:
+        names = datasets.class_names(dataset) if dataset in datasets.CLASS_NAMES else None
+    style = args.style or ("fashion" if dataset == "fashion-mnist" else "digit")
+    invert = {"auto": "auto", "yes": True, "no": False}[args.invert]
+    for image in args.images:
+        ranked = predict.top_classes(net, image, names, top=args.top, style=style,
+                                     invert=invert)
+        shown = ", ".join(f"{name} {p:.1%}" for _, name, p in ranked)
+        print(f"{image}: {shown}")
     return 0
 
 

@@ -88,6 +88,20 @@ DATASETS = {
     ),
 }
 NAMES = ("mnist-sample", *DATASETS)
+_DIGITS = tuple(str(d) for d in range(10))
+CLASS_NAMES = {
+    "mnist-sample": _DIGITS,
+    "mnist": _DIGITS,
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"),
+}
+
+
+def class_names(name):
+    """The names of a dataset's classes, in label order (``"fashion-mnist"``: T-shirt/top, ...)."""
+    if name not in CLASS_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {NAMES}")
+    return CLASS_NAMES[name]
 
 
 def data_home() -> Path:

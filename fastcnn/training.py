@@ -143,7 +143,7 @@ def _progress(total, desc, verbose):
 
 
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds",
-                "images_per_second", "threads")
+                "images_per_second", "threads", "batch_loss")
 
 
 def _fingerprint(x, y):
@@ -237,6 +237,7 @@ class Trainer:
                             loss, logits = net.train_step(xb, yb, self.optimizer)
                         self.tuner.stop(len(idx))
                         self.watch.check(loss, epoch, b + 1, xb)
+                        self.history["batch_loss"].append(float(loss))
                         self.steps += 1
                         self.batch = b + 1
                         p = self.partial

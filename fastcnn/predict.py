@@ -1,0 +1,148 @@
+"""Predicting your own images: a picture file (PNG, JPEG, ...; needs Pillow, ``pip install -e
+".[image]"``) or an array, brought to the model's input the way the training images were made.
+
+MNIST's digits were made like this (LeCun et al.): white ink on black, the digit's bounding box
+fitted in 20x20 pixels keeping its aspect ratio (anti-aliased, hence grey levels), then placed in a
+28x28 field so that its centre of mass sits at the centre. ``to_model_input`` does the same, after
+finding which side is ink: a photo of a dark pen on light paper is inverted (the paper's level,
+read from the picture's border, becomes black). Fashion-MNIST's products fill their 28x28 field
+instead (``style="fashion"``); ``style="none"`` only scales the whole picture to 28x28.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+STYLES = ("digit", "fashion", "none")
+MAX_PIXELS = 40_000_000  # refuse bigger pictures before decoding them (a 40-megapixel photo)
+
+
+def read_gray(path):
+    """The picture at ``path`` as a (H, W) float32 array in [0, 1], 1 = white."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as e:
+        raise ImportError('reading picture files needs Pillow: pip install -e ".[image]" (or '
+                          "pip install Pillow)") from e
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no picture at {path}")
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise ValueError(f"{path} is {w}x{h} pixels, more than the {MAX_PIXELS:,} "
+                                 "fastcnn reads; scale it down first")
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                # transparent pixels count as the background: composite on white
+                rgba = im.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(white, rgba)
+            gray = np.asarray(im.convert("L"), dtype=np.float32) / 255
+    except UnidentifiedImageError:
+        raise ValueError(f"{path} is not a picture Pillow can read (PNG, JPEG, ...)") from None
+    except (OSError, SyntaxError) as e:  # truncated or corrupt files
+        raise ValueError(f"{path} could not be read as a picture: {e}") from None
+    return gray
+
+
+def _resize_area(img, out_h, out_w):
+    """Resize by area averaging: each output pixel is the mean of the input area it covers
+    (a box filter, exact for any ratio; upscaling repeats pixels)."""
+    def weights(n_in, n_out):
+        # overlap of output cell [o, o+1) * n_in/n_out with input cell [i, i+1)
+        edges = np.arange(n_out + 1) * (n_in / n_out)
+        lo, hi = edges[:-1, None], edges[1:, None]
+        i = np.arange(n_in)[None, :]
+        overlap = np.clip(np.minimum(hi, i + 1) - np.maximum(lo, i), 0, None)
+        return overlap / overlap.sum(axis=1, keepdims=True)
+
+    return weights(img.shape[0], out_h) @ img @ weights(img.shape[1], out_w).T
+
+
+def _ink(gray, invert):
+    """Ink as light-on-dark in [0, 1], the background at 0 (its level read from the border)."""
+    gray = np.asarray(gray, dtype=np.float64)
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    background = float(np.median(border))
+    if invert == "auto":
+        invert = background > 0.5
+    if invert:
+        gray, background = 1 - gray, 1 - background
+    peak = float(gray.max())
+    if peak - background < 0.1:
+        raise ValueError("the picture holds no ink: nothing stands out from its background")
+    return np.clip((gray - background) / (peak - background), 0, 1)
+
+
+def _crop_to_ink(ink, threshold=0.2):
+    rows = np.flatnonzero((ink > threshold).any(axis=1))
+    cols = np.flatnonzero((ink > threshold).any(axis=0))
+    return ink[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
+
+
+def _fit(ink, box):
+    """Scale so the longer side is ``box`` pixels, keeping the aspect ratio."""
+    h, w = ink.shape
+    scale = box / max(h, w)
+    return _resize_area(ink, max(1, round(h * scale)), max(1, round(w * scale)))
+
+
+def _place(img, size, centre_of_mass):
+    """Put ``img`` in a size x size black field: its centre of mass (or its middle) at the
+    field's centre, clipped at the edges."""
+    h, w = img.shape
+    if centre_of_mass and img.sum() > 0:
+        cy = float((img.sum(axis=1) * np.arange(h)).sum() / img.sum())
+        cx = float((img.sum(axis=0) * np.arange(w)).sum() / img.sum())
+    else:
+        cy, cx = (h - 1) / 2, (w - 1) / 2
+    top, left = round((size - 1) / 2 - cy), round((size - 1) / 2 - cx)
+    field = np.zeros((size, size))
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + h, size), min(left + w, size)
+    field[y0:y1, x0:x1] = img[y0 - top: y1 - top, x0 - left: x1 - left]
+    return field
+
+
+def to_model_input(gray, style="digit", invert="auto", size=28):
+    """A (H, W) grey picture in [0, 1] (1 = white, or uint8) as a (1, size, size) float32 input:
+    light ink on black, prepared as MNIST's digits (``style="digit"``), Fashion-MNIST's products
+    (``"fashion"``: fitted in the whole field, centred) or just scaled (``"none"``). invert:
+    "auto" (from the border: light paper is inverted), True or False."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    if invert not in ("auto", True, False):
+        raise ValueError(f"invert must be 'auto', True or False, got {invert!r}")
+    gray = np.asarray(gray)
+    if gray.ndim != 2 or min(gray.shape) < 2:
+        raise ValueError(f"a picture must be a 2-D grey array of at least 2x2, got shape "
+                         f"{gray.shape}")
+    if gray.dtype == np.uint8:
+        gray = gray / 255
+    elif gray.dtype.kind != "f" or not np.isfinite(gray).all():
+        raise ValueError("a picture must be uint8 or finite floats in [0, 1]")
+    ink = _ink(gray, invert)
+    if style == "none":
+        out = _resize_area(ink, size, size)
+    elif style == "fashion":
+        out = _place(_fit(_crop_to_ink(ink, 0.05), size), size, centre_of_mass=False)
+    else:
+        out = _place(_fit(_crop_to_ink(ink), round(size * 20 / 28)), size, centre_of_mass=True)
+    return np.clip(out, 0, 1).astype(np.float32)[None]
+
+
+def top_classes(net, image, class_names=None, top=3, style="digit", invert="auto"):
+    """The ``top`` most likely classes for one picture (a path, or a grey array) as a list of
+    (class index, class name, probability), most likely first."""
+    gray = read_gray(image) if isinstance(image, str | Path) else image
+    x = to_model_input(gray, style=style, invert=invert)
+    if net.input_shape is not None and tuple(net.input_shape) != x.shape:
+        raise ValueError(f"the model expects inputs of shape {tuple(net.input_shape)}, the "
+                         f"prepared picture is {x.shape}")
+    proba = net.predict_proba(x[None].astype(net.dtype))[0]
+    names = [str(i) for i in range(len(proba))] if class_names is None else list(class_names)
+    order = np.argsort(-proba, kind="stable")[: max(1, top)]
+    return [(int(k), names[k], float(proba[k])) for k in order]
