@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import statistics
 import subprocess
 from dataclasses import asdict, dataclass, field
 
-from . import jit_cost, spawn
+from . import atomic, jit_cost, spawn
 from .bench_worker import TORCH
 
 EPOCH_IMAGES = 60_000  # one epoch of MNIST / Fashion-MNIST
@@ -224,44 +223,82 @@ def to_json(results, meta):
     return out
 
 
-def plot(results, path):
-    """Training images/s per engine on a log scale, one group per (model, batch), PyTorch as a
-    reference line across its group."""
+def from_json(data, source="the results"):
+    """(meta, [ConfigResult]) back from what ``to_json`` wrote; a ValueError naming ``source``
+    if it is not that."""
     try:
-        import matplotlib
+        results = []
+        for r in data["results"]:
+            result = ConfigResult(r["model"], int(r["batch_size"]), int(r["threads"]),
+                                  compile=r.get("compile"))
+            for e in r["engines"]:
+                fields = {k: v for k, v in e.items() if k in EngineResult.__dataclass_fields__}
+                result.engines.append(EngineResult(**fields))
+            results.append(result)
+        return dict(data.get("meta", {})), results
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{source} is not a 'fastcnn bench --json' file ({e!r})") from None
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+
+def plot(results, path):
+    """The chart of ``fastcnn bench --plot``: for each (model, batch), each fastcnn backend's
+    training speed as a multiple of PyTorch's (linear scale, PyTorch = 1 as a line), labelled with
+    the ratio and the images/s behind it. Without PyTorch, relative to the first backend."""
+    try:
+        from matplotlib.figure import Figure
     except ImportError as e:
         raise ImportError("--plot needs matplotlib: pip install -e \".[plot]\"") from e
     engines = [e for e in dict.fromkeys(x.engine for r in results for x in r.engines)
                if e != TORCH]
+    has_torch = all(TORCH in {e.engine for e in r.engines} for r in results)
+    base_name = TORCH if has_torch else engines[0]
     width = 0.8 / max(len(engines), 1)
-    fig, ax = plt.subplots(figsize=(2.2 + 2.2 * len(results), 4.2))
+    fig = Figure(figsize=(2.4 + 2.3 * len(results), 4.6), dpi=120, layout="constrained")
+    ax = fig.subplots()
     colors = {"naive": "#b0b0b0", "numpy": "#4c72b0", "numba": "#dd8452"}
+
+    def ratio_of(r, e):  # the table's ratio (median of per-round ratios) where there is one
+        if has_torch and e.train_vs_torch is not None:
+            return e.train_vs_torch
+        return e.train_ips / next(x for x in r.engines if x.engine == base_name).train_ips
+
+    top = max([1.0] + [ratio_of(r, e) for r in results for e in r.engines
+                       if e.engine != TORCH])
+    ymax = top * 1.25
+    label_h = 0.11 * ymax  # two lines of 8-pt text, in data units (the axes are ~4 in tall)
     for g, r in enumerate(results):
         by = {e.engine: e for e in r.engines}
         for k, name in enumerate(engines):
-            if name in by:
-                x = g - 0.4 + width * (k + 0.5)
-                ips = by[name].train_ips
-                ax.bar(x, ips, width * 0.9, color=colors.get(name, "#55a868"),
-                       label=name if g == 0 else None)
-                ax.annotate(f"{ips:,.0f}" if ips >= 10 else f"{ips:.1f}", (x, ips),
-                            ha="center", va="bottom", fontsize=7)
-        if TORCH in by:
-            ax.hlines(by[TORCH].train_ips, g - 0.45, g + 0.45, colors="black", linestyles="--",
-                      label="PyTorch CPU" if g == 0 else None)
-    ax.set_xticks(range(len(results)), [f"{r.model}\nbatch {r.batch_size}" for r in results])
-    ax.set_yscale("log")
-    lowest = min(e.train_ips for r in results for e in r.engines)
-    ax.set_ylim(bottom=10 ** math.floor(math.log10(lowest * 0.8)))  # bars start on a decade
-    ax.set_ylabel("training images/s (log scale)")
-    ax.set_title(f"fastcnn training speed, {results[0].threads} threads, float32")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            if name not in by:
+                continue
+            x = g - 0.4 + width * (k + 0.5)
+            ips = by[name].train_ips
+            ratio = ratio_of(r, by[name])
+            ax.bar(x, ratio, width * 0.85, color=colors.get(name, "#55a868"),
+                   label=f"fastcnn {name}" if g == 0 else None, zorder=2)
+            text = f"{_ratio(ratio)}\n" + (f"{ips:,.0f}/s" if ips >= 10 else f"{ips:.2f}/s")
+            # above the bar, unless the PyTorch line would run through the label: then inside
+            inside = ratio < 1.0 < ratio + label_h and ratio > label_h
+            ax.annotate(text, (x, ratio), xytext=(0, -3 if inside else 3),
+                        textcoords="offset points", ha="center",
+                        va="top" if inside else "bottom", fontsize=8,
+                        color="white" if inside else "black", zorder=4)
+        base = by[base_name].train_ips
+        ax.annotate(f"{'PyTorch' if has_torch else base_name} {base:,.0f} img/s",
+                    (g, 0), xytext=(0, -30), textcoords="offset points", ha="center",
+                    va="top", fontsize=8, color="0.3", annotation_clip=False)
+    ax.axhline(1.0, color="black", linewidth=1.2, zorder=1,
+               label="PyTorch CPU = 1" if has_torch else f"{base_name} = 1")
+    ax.set_xticks(range(len(results)), [f"{r.model}, batch {r.batch_size}" for r in results])
+    ax.set_xlim(-0.5, len(results) - 0.5)
+    ax.set_ylim(0, ymax)
+    ax.set_ylabel("training speed, x " + ("PyTorch's" if has_torch else f"{base_name}'s"))
+    ax.grid(axis="y", alpha=0.3, zorder=0)
+    threads = results[0].threads
+    ax.set_title(f"fastcnn training speed against {'PyTorch CPU' if has_torch else base_name} "
+                 f"(float32, up to {threads} threads; higher is faster)")
+    ax.legend(fontsize=8, loc="upper right")
+    atomic.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
 
 
 def run(models, batch_sizes, backends, threads=None, rounds=3, seconds=2.0, use_torch=True,

@@ -184,6 +184,9 @@ def _parser():
                        help="skip timing Numba's cold and cached start (two extra processes)")
     bench.add_argument("--json", metavar="PATH", help="write the results as JSON")
     bench.add_argument("--plot", metavar="PATH", help="write a PNG chart (needs matplotlib)")
+    bench.add_argument("--from-json", metavar="PATH",
+                       help="measure nothing: show the tables (and --plot the chart) of the "
+                            "results a --json run wrote")
     bench.set_defaults(func=cmd_bench)
 
     plot = sub.add_parser(
@@ -489,15 +492,22 @@ def cmd_bench(args):
             raise ImportError("--plot needs matplotlib: pip install 'fastcnn[plot]' (or leave "
                               "out --plot)") from None
     progress = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
-    results = benchmark.run(args.model, args.batch_size, args.backend, args.threads,
-                            args.rounds, args.seconds, use_torch=not args.no_torch,
-                            compile_time=not args.no_compile_time, progress=progress)
-    machine = f"{_cpu_model()}, {os.cpu_count()} logical cores"
-    print(f"fastcnn {__version__} bench on {machine}")
+    if args.from_json:
+        with open(args.from_json, "rb") as f:
+            meta, results = benchmark.from_json(json.load(f), args.from_json)
+        machine = meta.get("cpu", "an unrecorded CPU")
+        print(f"fastcnn {meta.get('fastcnn', '?')} bench on {machine}, "
+              f"{meta.get('time', 'at an unrecorded time')} (from {args.from_json})")
+    else:
+        results = benchmark.run(args.model, args.batch_size, args.backend, args.threads,
+                                args.rounds, args.seconds, use_torch=not args.no_torch,
+                                compile_time=not args.no_compile_time, progress=progress)
+        machine = f"{_cpu_model()}, {os.cpu_count()} logical cores"
+        print(f"fastcnn {__version__} bench on {machine}")
     for result in results:
         print()
         print(benchmark.format_table(result))
-    if args.json:
+    if args.json and not args.from_json:
         meta = {"fastcnn": __version__, "cpu": machine, "argv": sys.argv[1:],
                 "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         with open(args.json, "w") as f:

@@ -79,11 +79,17 @@ def learning_curves(history, path=None, title=None):
     ax_loss, ax_acc = fig.subplots(1, 2)
     x = np.arange(1, epochs + 1)
     batches = [v for v in history.get("batch_loss", []) if v is not None]
+    epoch_values = [v for v in [*history["loss"], *history.get("val_loss", [])] if v is not None]
+    top = max(epoch_values)
     if batches:
         per_epoch = len(batches) / epochs
         bx = np.arange(1, len(batches) + 1) / per_epoch  # in epochs, at each batch's end
-        ax_loss.plot(bx, _smooth(batches, per_epoch / 10), color="tab:blue", alpha=0.35,
+        smooth = _smooth(batches, per_epoch / 10)
+        ax_loss.plot(bx, smooth, color="tab:blue", alpha=0.35,
                      linewidth=1, label="training, per batch (smoothed)")
+        # the first batches' loss (chance level and above) would flatten the epochs' curves
+        top = max(top, max(smooth[len(smooth) // 10:], default=top))
+    ax_loss.set_ylim(0, top * 1.3)
     ax_loss.plot(x, history["loss"], "o-", color="tab:blue", label="training (epoch mean)")
     if history.get("val_loss"):
         ax_loss.plot(x[: len(history["val_loss"])], history["val_loss"], "s-",

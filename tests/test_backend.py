@@ -88,6 +88,8 @@ def test_import_fastcnn_reaches_the_documented_names_lazily():
             "assert isinstance(net, fastcnn.ConvNet) and issubclass(TrainingDiverged, "
             "FloatingPointError)\n"
             "assert set(fastcnn.__all__) <= set(dir(fastcnn))\n"
+            "assert fastcnn.plots.save_all and fastcnn.predict.top_classes and "
+            "fastcnn.history.save\n"
             "try:\n    fastcnn.nothing\nexcept AttributeError as e:\n    print(e)\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr

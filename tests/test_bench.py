@@ -36,6 +36,19 @@ def test_bench_cli_table_json_and_chart(tmp_path):
         assert 1 <= e["infer_threads"] <= os.cpu_count()
     assert "threads train/infer" in run.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the same results shown and drawn again without measuring anything
+    again = tmp_path / "again.png"
+    rerun = subprocess.run(
+        [sys.executable, "-m", "fastcnn.cli", "bench", "--from-json", str(out), "--plot",
+         str(again)], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stdout.split("\n", 1)[1].count("fastcnn numba") == 1
+    assert f"{engines['numba']['train_ips']:,.0f}" in rerun.stdout
+    assert again.read_bytes() == png.read_bytes()
+    (tmp_path / "bad.json").write_text('{"results": [{"model": "simple"}]}')
+    bad = subprocess.run([sys.executable, "-m", "fastcnn.cli", "bench", "--from-json",
+                          str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "is not a 'fastcnn bench --json' file" in bad.stderr
 
 
 def test_bench_without_torch_says_so_and_still_runs(monkeypatch):
