@@ -149,6 +149,10 @@ def _parser():
     train.add_argument("--save", metavar="PATH", help="write the trained model (.npz) here, and "
                                                       "its history beside it (.history.json, "
                                                       ".history.csv)")
+    train.add_argument("--distributed", action="store_true",
+                       help="one of K processes started by 'mpirun -n K': each trains on its "
+                            "shard of every global batch of K x --batch-size images, gradients "
+                            "averaged before every step (needs the mpi extra)")
     train.add_argument("--plot", metavar="DIR", help="after training, write the pictures of "
                        "'fastcnn plot' and the history into folder DIR (needs matplotlib)")
     train.set_defaults(func=cmd_train)
@@ -311,7 +315,7 @@ def _resume_run(args):
 def cmd_train(args):
     import time
 
-    from . import atomic, backend, datasets, history, models, plots, serialize
+    from . import atomic, backend, datasets, history, models, plots, serialize, threads
 
     resumed = state = None
     if args.resume:
@@ -327,8 +331,8 @@ def cmd_train(args):
             atomic.check_destination(path, "history")
     if args.plot:
         plots.check_available()
-        _check_folder(args.plot)
     _apply_compute_args(args)
+    dp = _data_parallel(args)
     (x, y), (x_test, y_test) = datasets.load(args.dataset, args.data_dir, raw=True)
     (x_train, y_train), val = _split(x, y, args.limit, args.val_fraction)
     if len(x_train) == 0:
@@ -347,10 +351,16 @@ def cmd_train(args):
         net = models.build(args.model, dtype=args.dtype, seed=args.seed)
         opt, schedule = _optimizer_and_schedule(args, -(-len(x_train) // args.batch_size))
         done = ""
+    if args.plot and (dp is None or dp.is_root):
+        _check_folder(args.plot)
     held_out = f", {len(val[0])} validation" if val else ""
     print(f"fastcnn {__version__} | backend {backend.get_backend()} | model {args.model} "
           f"({net.num_params():,} parameters, {args.dtype}) | {args.dataset}: "
           f"{len(x_train)} training{held_out}, {len(x_test)} test images{done}", flush=True)
+    if dp is not None:
+        print(f"distributed: {dp.size} processes x {threads.get_num_threads()} threads, "
+              f"global batch {dp.size} x {args.batch_size} = {dp.size * args.batch_size}",
+              flush=True)
     if resumed is None and (args.recipe != "seed" or args.optimizer != "sgd" or schedule):
         print(f"recipe: {opt!r}, schedule {schedule!r}, batch {args.batch_size}, "
               f"{args.epochs} epochs", flush=True)
@@ -359,13 +369,15 @@ def cmd_train(args):
     record = net.fit(x_train, y_train, epochs=args.epochs, batch_size=args.batch_size,
                      optimizer=opt, schedule=schedule, validation_data=val, seed=args.seed,
                      verbose=True, checkpoint=args.checkpoint, resume=args.resume,
-                     early_stopping=args.early_stopping, run_info=run)
+                     early_stopping=args.early_stopping, run_info=run, distributed=dp)
     trained = time.perf_counter() - start
+    if dp is not None and not dp.is_root:
+        return 0  # rank 0 alone tests, saves and reports
     result = net.evaluate(x_test, y_test)
     config = {**run, **{k: getattr(args, k, None) for k in ("recipe", *_RECIPE_FLAGS)},
               "backend": backend.get_backend(), "resumed_from": args.resume,
               "test_accuracy": result["accuracy"], "test_loss": result["loss"],
-              "test_images": len(x_test)}
+              "test_images": len(x_test), "processes": dp.size if dp else 1}
     if args.save:
         net.save(args.save)
         json_path, csv_path = history.paths_beside(args.save)
@@ -383,6 +395,29 @@ def cmd_train(args):
         print(f"wrote {len(written)} pictures and the history to {folder}/: "
               + ", ".join(p.name for p in written))
     return 0
+
+
+def _data_parallel(args):
+    """--distributed: this process's DataParallel (threads: this machine's cores shared among
+    its ranks, unless --threads; rank > 0 prints nothing on stdout). Without it, a launch by
+    mpirun of several processes is an error: each would train the whole model alone."""
+    from . import distributed, threads
+
+    if not args.distributed:
+        k = distributed.launched_size()
+        if k > 1:
+            if distributed.launched_rank() != 0:
+                raise SystemExit(1)  # rank 0 says why
+            raise ValueError(f"this is one of {k} processes started by an MPI launcher: add "
+                             "--distributed to train one model together (without it, each "
+                             "would train its own)")
+        return None
+    dp = distributed.DataParallel()
+    if not args.threads:
+        threads.set_num_threads(dp.threads())
+    if not dp.is_root:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the process's lifetime)
+    return dp
 
 
 def _check_folder(folder):
@@ -582,6 +617,10 @@ def main(argv=None):
             import traceback
 
             traceback.print_exc()
+        dist = sys.modules.get("fastcnn.distributed")
+        dp = dist.current() if dist else None
+        if dp is not None and dp.size > 1:  # one message, and no rank left waiting
+            dp.end_job(e)
         text = str(e) if isinstance(e, _EXPECTED) and str(e) else f"{type(e).__name__}: {e}"
         hint = "" if debug or isinstance(e, _EXPECTED) else f" (set {DEBUG_VAR}=1 for details)"
         print(f"fastcnn: error: {text}{hint}", file=sys.stderr)

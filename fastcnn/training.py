@@ -181,8 +181,8 @@ class Trainer:
     """One ``fit`` call's state; everything a checkpoint must hold to resume exactly."""
 
     def __init__(self, net, x, y, epochs, batch_size, optimizer, schedule, validation_data,
-                 shuffle, seed, early_stopping, run_info=None):
-        self.net, self.x, self.y = net, x, y
+                 shuffle, seed, early_stopping, run_info=None, dp=None):
+        self.net, self.x, self.y, self.dp = net, x, y, dp
         self.epochs, self.batch_size = epochs, batch_size
         self.optimizer, self.schedule = optimizer, schedule
         self.validation_data, self.shuffle = validation_data, shuffle
@@ -202,12 +202,15 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self, verbose, checkpoint):
-        net, x, y = self.net, self.x, self.y
+        net, x, y, dp = self.net, self.x, self.y, self.dp
         n = len(x)
-        batches = -(-n // self.batch_size)
+        per_step = self.batch_size * (dp.size if dp else 1)  # the global batch
+        batches = -(-n // per_step)
         buf = np.empty((min(self.batch_size, n),) + x.shape[1:], net.dtype)
-        self.tuner = threads.Tuner(enabled=backend.get_backend() != "naive")
+        self.tuner = threads.Tuner(enabled=backend.get_backend() != "naive" and dp is None)
         first_run = [backend.get_backend() == "numba"]
+        writes = dp is None or dp.is_root  # checkpoints: rank 0 alone
+        hook = net.gradient_hook
         with _Interrupts(checkpoint is not None) as interrupts, self.tuner:
             while self.epoch < self.epochs and not self.stopped_early:
                 epoch = self.epoch + 1
@@ -218,12 +221,14 @@ class Trainer:
                 bar.update(self.partial["seen"])
                 start = time.perf_counter()
                 net.train()
+                stop = False  # distributed: a Ctrl-C on any rank, as of the last step
                 try:
                     for b in range(self.batch, batches):
-                        if interrupts.requested:
+                        if (stop if dp else interrupts.requested):
                             self.partial["seconds"] += time.perf_counter() - start
-                            self._interrupted(checkpoint)
-                        idx = self.order[b * self.batch_size : (b + 1) * self.batch_size]
+                            self._interrupted(checkpoint if writes else None)
+                        every = self.order[b * per_step : (b + 1) * per_step]
+                        idx = dp.shard(every) if dp else every
                         xb = net._batch(x, idx, buf)
                         yb = y[idx]
                         if self.schedule is not None:
@@ -231,27 +236,38 @@ class Trainer:
                             self.optimizer.lr = self.optimizer.base_lr * self.schedule.factor(at)
                         if b == 0:
                             self.history["lr"].append(self.optimizer.lr)
+                        if dp:
+                            share = len(idx) / len(every)
+                            net.gradient_hook = lambda net, w=share: dp.allreduce_gradients(net, w)
                         self.tuner.start()
                         with _compile_notice(verbose and self.steps == 0 and first_run[0]):
                             first_run[0] = False
-                            loss, logits = net.train_step(xb, yb, self.optimizer)
+                            if len(idx):
+                                loss, logits = net.train_step(xb, yb, self.optimizer)
+                            else:  # distributed: a short last batch left this rank nothing
+                                loss, logits = self._empty_step()
                         self.tuner.stop(len(idx))
+                        correct = int(np.count_nonzero(logits.argmax(axis=1) == yb))
+                        if dp:  # the global batch's loss and accuracy, and any rank's Ctrl-C
+                            total = dp.sum([loss * len(idx), correct, interrupts.requested])
+                            loss, correct, stop = total[0] / len(every), int(total[1]), total[2] > 0
                         self.watch.check(loss, epoch, b + 1, xb)
                         self.history["batch_loss"].append(float(loss))
                         self.steps += 1
                         self.batch = b + 1
                         p = self.partial
-                        p["loss"] += loss * len(idx)
-                        p["correct"] += int(np.count_nonzero(logits.argmax(axis=1) == yb))
-                        p["seen"] += len(idx)
-                        bar.update(len(idx))
+                        p["loss"] += loss * len(every)
+                        p["correct"] += correct
+                        p["seen"] += len(every)
+                        bar.update(len(every))
                         if b % 20 == 0:
                             bar.set_postfix(loss=f"{p['loss'] / p['seen']:.4f}", refresh=False)
                 finally:
                     bar.close()
+                    net.gradient_hook = hook
                 self.partial["seconds"] += time.perf_counter() - start
                 self._end_epoch(epoch, verbose)
-                if checkpoint is not None:
+                if checkpoint is not None and writes:
                     self.save(checkpoint)
         if self.best is not None and self.best["epoch"] != self.epoch:
             for name, a in _named_arrays(net):
@@ -276,8 +292,10 @@ class Trainer:
         h["images_per_second"].append(p["seen"] / max(p["seconds"], 1e-9))
         h["threads"].append(self.tuner.most_used())
         net.eval()
+        if self.dp:  # BatchNorm's running statistics: rank 0's, everywhere
+            self.dp.broadcast_buffers(net)
         if self.validation_data is not None:
-            val = net._evaluate(*self.validation_data, batch_size=64)
+            val = self._validate()
             h["val_loss"].append(val["loss"])
             h["val_accuracy"].append(val["accuracy"])
         self.epoch, self.batch, self.order = epoch, 0, None
@@ -300,7 +318,31 @@ class Trainer:
                      f"{n} thread{'s' if n != 1 else ''})")
             print(line + note, flush=True)
 
+    def _empty_step(self):
+        """A distributed step on a rank whose shard is empty: zero gradients into the allreduce,
+        then the same optimizer step as every other rank."""
+        for _, _, grad in self.net.parameters():
+            grad[...] = 0
+        self.net.gradient_hook(self.net)
+        self.optimizer.step(self.net)
+        return 0.0, np.zeros((0, self.net.num_classes()), self.net.dtype)
+
+    def _validate(self):
+        """The validation loss and accuracy; distributed, each rank evaluates its shard."""
+        xv, yv = self.validation_data
+        if self.dp is None:
+            return self.net._evaluate(xv, yv, batch_size=64)
+        part = self.dp.shard(np.arange(len(xv)))
+        sums = [0.0, 0.0]
+        if len(part):
+            own = self.net._evaluate(xv[part], yv[part], batch_size=64)
+            sums = [own["loss"] * len(part), own["accuracy"] * len(part)]
+        loss, correct = self.dp.sum(sums)
+        return {"loss": float(loss / len(xv)), "accuracy": float(correct / len(xv))}
+
     def _interrupted(self, checkpoint):
+        if checkpoint is None:  # distributed: rank 0 writes it
+            raise KeyboardInterrupt
         self.save(checkpoint)
         print(f"interrupted: wrote a checkpoint to {checkpoint} (epoch {self.epoch + 1}, after "
               f"batch {self.batch}); continue with resume={str(checkpoint)!r} "
@@ -392,8 +434,12 @@ def load_checkpoint(path):
 
 
 def fit_network(net, x, y, epochs, batch_size, lr, validation_data, shuffle, seed, verbose,
-                optimizer, schedule, checkpoint, resume, early_stopping, run_info=None):
+                optimizer, schedule, checkpoint, resume, early_stopping, run_info=None,
+                distributed=None):
     """``ConvNet.fit`` (see its docstring)."""
+    from . import distributed as dist
+
+    dp = dist.resolve(distributed)
     epochs = _contract.check_int("epochs", epochs, 1)
     batch_size = _contract.check_int("batch_size", batch_size, 1)
     if early_stopping is not None:
@@ -437,8 +483,28 @@ def fit_network(net, x, y, epochs, batch_size, lr, validation_data, shuffle, see
         serialize.check_destination(checkpoint)
     if run_info is None and state is not None:
         run_info = state.get("run")
+    if dp is not None:
+        if len(x) < dp.size:
+            raise ValueError(f"{len(x)} training images for {dp.size} processes: each needs at "
+                             "least one")
+        seed = dp.shared_seed(seed)  # the same shuffled order on every rank
+        if state is None and dp.size > 1:
+            from .layers import Dropout
+
+            for i, layer in enumerate(net.layers):  # masks differ between the ranks' shards
+                if isinstance(layer, Dropout):
+                    layer.rng = np.random.default_rng([seed, dp.rank, i])
+        dp.broadcast_parameters(net)
     trainer = Trainer(net, x, y, epochs, batch_size, optimizer, schedule, validation_data,
-                      shuffle, seed, early_stopping, run_info)
+                      shuffle, seed, early_stopping, run_info, dp=dp)
     if state is not None:
         trainer.restore(resume, state, arrays)
-    return trainer.run(_interactive() if verbose is None else bool(verbose), checkpoint)
+    verbose = _interactive() if verbose is None else bool(verbose)
+    try:
+        return trainer.run(verbose and (dp is None or dp.is_root), checkpoint)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        if dp is not None and dp.size > 1:  # else the other ranks wait in their allreduce
+            dp.end_job(e)
+        raise

@@ -1,0 +1,40 @@
+"""The configurations tests/test_distributed.py trains both ways: K processes with batch b under
+mpirun (tests/mpi/train_ranks.py), and one process with batch K x b."""
+
+import numpy as np
+
+import fastcnn
+from fastcnn import models
+
+# n images: 3 global batches of 2 x 5 and one of a single image (rank 1 gets none: the empty
+# shard's path); two epochs, so that momentum and Adam's moments carry across
+CASES = {
+    "sgd_momentum_float64": dict(model="simple", dtype="float64", optimizer="sgd", batch=5, n=31,
+                                 epochs=2),
+    "adam_float64": dict(model="complex", dtype="float64", optimizer="adam", batch=5, n=21,
+                         epochs=2),
+    "sgd_momentum_float32": dict(model="simple", dtype="float32", optimizer="sgd", batch=5, n=31,
+                                 epochs=2),
+    "adam_float32": dict(model="simple", dtype="float32", optimizer="adam", batch=5, n=31,
+                         epochs=2),
+    # BatchNorm (each rank's own shard statistics) and Dropout: not one process's run, but every
+    # rank must still end with the same model
+    "modern_float32": dict(model="modern", dtype="float32", optimizer="adam", batch=5, n=30,
+                           epochs=2, compare=False),
+}
+
+
+def make(case):
+    net = models.build(case["model"], dtype=np.dtype(case["dtype"]), seed=0)
+    if case["optimizer"] == "sgd":
+        opt = fastcnn.SGD(0.05, momentum=0.9)
+    else:
+        opt = fastcnn.Adam(1e-3)
+    return net, opt
+
+
+def data(case):
+    rng = np.random.default_rng(11)
+    x = rng.integers(0, 256, (case["n"], 1, 28, 28), dtype=np.uint8)
+    y = rng.integers(0, 10, case["n"])
+    return x, y

@@ -1,0 +1,117 @@
+"""Data-parallel training under mpirun: K processes with batch b end with the weights of one
+process with batch K x b; the CLI's --distributed; a failure on one rank ends the job.
+
+These tests need mpi4py and an MPI launcher (pip install -e ".[mpi]"); without them they skip,
+unless FASTCNN_REQUIRE_MPI=1 (CI sets it) makes that a failure."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from distributed_cases import CASES, data, make
+
+from fastcnn import distributed
+
+HERE = Path(__file__).resolve().parent
+MPIRUN = shutil.which("mpirun", path=f"{Path(sys.executable).parent}{os.pathsep}"
+                                      f"{os.environ.get('PATH', '')}")
+HAVE_MPI = MPIRUN is not None and importlib.util.find_spec("mpi4py") is not None
+if not HAVE_MPI and os.environ.get("FASTCNN_REQUIRE_MPI") == "1":
+    raise RuntimeError("FASTCNN_REQUIRE_MPI=1 but mpi4py or mpirun is missing: pip install -e "
+                       "'.[mpi]'")
+needs_mpi = pytest.mark.skipif(not HAVE_MPI, reason="mpi4py/mpirun not installed (the mpi extra)")
+
+
+def mpirun(*args, ranks=2, cwd=None, timeout=300):
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return subprocess.run([MPIRUN, "-n", str(ranks), "--oversubscribe", *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+def test_the_launchers_environment_says_how_many_processes(monkeypatch):
+    for name in (*distributed.SIZE_VARIABLES, *distributed.RANK_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.launched_size() == 1 and distributed.launched_rank() == 0
+    monkeypatch.setenv("PMI_SIZE", "4")
+    monkeypatch.setenv("PMI_RANK", "3")
+    assert distributed.launched_size() == 4 and distributed.launched_rank() == 3
+    with pytest.raises(TypeError, match="distributed must be"):
+        distributed.resolve("yes")
+    assert distributed.resolve(False) is None
+
+
+@pytest.fixture(scope="module")
+def ranks_output(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranks")
+    run = mpirun(sys.executable, str(HERE / "mpi" / "train_ranks.py"), str(out))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "ranks 2, threads" in run.stdout
+    return out
+
+
+@needs_mpi
+@pytest.mark.parametrize("name", list(CASES))
+def test_k_processes_end_with_the_weights_of_one_process_with_k_times_the_batch(ranks_output,
+                                                                                name):
+    case = CASES[name]
+    got = [np.load(ranks_output / f"{name}.rank{r}.npz") for r in range(2)]
+    for key in got[0].files:  # every rank holds the same model
+        np.testing.assert_array_equal(got[0][key], got[1][key], err_msg=key)
+    if not case.get("compare", True):
+        return
+    net, opt = make(case)
+    x, y = data(case)
+    history = net.fit(x, y, epochs=case["epochs"], batch_size=2 * case["batch"], seed=3,
+                      optimizer=opt, verbose=False)
+    tol = dict(rtol=1e-10, atol=1e-12) if case["dtype"] == "float64" else dict(rtol=2e-4,
+                                                                               atol=2e-6)
+    for key, a, _ in net.parameters():
+        np.testing.assert_allclose(got[0][key], a, **tol, err_msg=key)
+    np.testing.assert_allclose(got[0]["batch_loss"], history["batch_loss"], **tol)
+    np.testing.assert_allclose(got[0]["loss"], history["loss"], **tol)
+
+
+@needs_mpi
+def test_mpirun_fastcnn_train_distributed_reports_one_test_accuracy(tmp_path):
+    run = mpirun(sys.executable, "-m", "fastcnn.cli", "train", "--distributed", "--epochs", "1",
+                 "--limit", "1000", "--test-limit", "300", "--save", "m.npz", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert sum(line.startswith("test accuracy ") for line in lines) == 1
+    assert sum(line.startswith("epoch 1/1: loss") for line in lines) == 1
+    assert "distributed: 2 processes x 1 threads, global batch 2 x 10 = 20" in run.stdout
+    config = json.loads((tmp_path / "m.history.json").read_text())["config"]
+    assert config["processes"] == 2
+    # the model is the one the test accuracy was measured on
+    check = subprocess.run([sys.executable, "-m", "fastcnn.cli", "evaluate", "m.npz"],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert check.returncode == 0, check.stderr
+
+
+@needs_mpi
+def test_a_failure_on_one_rank_ends_the_whole_job_with_one_message(tmp_path):
+    run = mpirun(sys.executable, str(HERE / "mpi" / "train_ranks.py"), str(tmp_path),
+                 "--fail-on-rank", "1", timeout=120)  # a hang would time out
+    assert run.returncode != 0
+    assert run.stderr.count("fastcnn: error") == 1, run.stderr
+    assert ("fastcnn: error on rank 1 of 2: RuntimeError: planted failure on rank 1 (ending all "
+            "2 processes)") in run.stderr
+
+
+@needs_mpi
+def test_errors_every_rank_meets_are_told_once(tmp_path):
+    run = mpirun(sys.executable, "-m", "fastcnn.cli", "train", "--distributed", "--epochs", "1",
+                 "--limit", "500", "--lr", "1e6", cwd=tmp_path, timeout=120)
+    assert run.returncode != 0
+    assert run.stderr.count("fastcnn: error") == 1, run.stderr
+    assert "training diverged" in run.stderr
+    run = mpirun(sys.executable, "-m", "fastcnn.cli", "train", "--epochs", "1", "--limit", "100",
+                 cwd=tmp_path, timeout=120)
+    assert run.returncode != 0
+    assert run.stderr.count("add --distributed") == 1, run.stderr
