@@ -368,6 +368,7 @@ class Trainer:
             "best": None if self.best is None else {"loss": self.best["loss"],
                                                    "epoch": self.best["epoch"]},
             "data": _fingerprint(self.x, self.y), "run": self.run_info,
+            "processes": self.dp.size if self.dp else 1,  # batches count K x batch_size images
         }
         arrays = serialize.model_arrays(net, {"checkpoint": state})
         arrays.update({f"optimizer.{k}": a for k, a in opt_arrays.items()})
@@ -387,6 +388,10 @@ class Trainer:
         if state["batch_size"] != self.batch_size or state["shuffle"] != self.shuffle:
             raise ValueError(f"{path} was written with batch_size={state['batch_size']}, "
                              f"shuffle={state['shuffle']}; resume with the same")
+        processes = self.dp.size if self.dp else 1
+        if state.get("processes", 1) != processes:
+            raise ValueError(f"{path} was written by a run of {state.get('processes', 1)} "
+                             f"processes; resume it with as many (this is {processes})")
         self.optimizer.load_state_dict(state["optimizer"],
                                        {k[len("optimizer."):]: a for k, a in arrays.items()
                                         if k.startswith("optimizer.")})

@@ -80,7 +80,8 @@ def test_k_processes_end_with_the_weights_of_one_process_with_k_times_the_batch(
 @needs_mpi
 def test_mpirun_fastcnn_train_distributed_reports_one_test_accuracy(tmp_path):
     run = mpirun(sys.executable, "-m", "fastcnn.cli", "train", "--distributed", "--epochs", "1",
-                 "--limit", "1000", "--test-limit", "300", "--save", "m.npz", cwd=tmp_path)
+                 "--limit", "1000", "--test-limit", "300", "--save", "m.npz", "--checkpoint",
+                 "c.npz", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     lines = run.stdout.strip().splitlines()
     assert sum(line.startswith("test accuracy ") for line in lines) == 1
@@ -92,6 +93,15 @@ def test_mpirun_fastcnn_train_distributed_reports_one_test_accuracy(tmp_path):
     check = subprocess.run([sys.executable, "-m", "fastcnn.cli", "evaluate", "m.npz"],
                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert check.returncode == 0, check.stderr
+    # its checkpoint resumes under as many processes, and only so (a batch there is 2 x 10)
+    alone = subprocess.run([sys.executable, "-m", "fastcnn.cli", "train", "--resume", "c.npz",
+                            "--epochs", "2"], capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path)
+    assert alone.returncode == 1 and "written by a run of 2 processes" in alone.stderr
+    again = mpirun(sys.executable, "-m", "fastcnn.cli", "train", "--distributed", "--resume",
+                   "c.npz", "--epochs", "2", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "epoch 2/2: loss" in again.stdout and again.stdout.count("test accuracy") == 1
 
 
 @needs_mpi
