@@ -72,7 +72,8 @@ def _add_data_args(p, batch_help):
     p.add_argument("--data-dir", help="folder holding <dataset>/ (default: $FASTCNN_DATA or "
                                       "~/.cache/fastcnn)")
     _add_compute_args(p)
-    p.add_argument("--batch-size", type=_positive_int, default=None, help=batch_help)
+    if batch_help:
+        p.add_argument("--batch-size", type=_positive_int, default=None, help=batch_help)
 
 
 RECIPE_NAMES = ("seed", "modern")
@@ -207,7 +208,7 @@ def _parser():
     plot.add_argument("--image", type=int, default=0, metavar="INDEX",
                       help="test image whose feature maps are drawn (default: %(default)s)")
     plot.add_argument("--test-limit", type=_positive_int, help="use the first N test images")
-    _add_data_args(plot, "unused")
+    _add_data_args(plot, None)
     plot.set_defaults(func=cmd_plot)
 
     predict = sub.add_parser(
