@@ -33,7 +33,7 @@ class FastcnnEngine:
         if threads:
             fastcnn.set_num_threads(threads)
         # as in ConvNet.fit: unless --threads fixed it, the count is tuned as batches run
-        self.tuners = {k: thread_count.Tuner(enabled=backend != "naive")
+        self.tuners = {k: thread_count.Tuner(enabled=backend == "numba")
                        for k in ("train", "infer")}
         self.net = models.build(model, seed=seed)
         self.opt = fastcnn.SGD(lr)

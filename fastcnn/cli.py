@@ -47,8 +47,9 @@ def _add_compute_args(p):
     p.add_argument("--backend", choices=BACKENDS,
                    help="kernel backend (default: $FASTCNN_BACKEND or numba)")
     p.add_argument("--threads", type=_positive_int,
-                   help="threads for the kernels (Numba and BLAS; default: training chooses: "
-                        "all cores, or fewer while that is faster, e.g. on a shared machine)")
+                   help="threads for the kernels (Numba and BLAS; default: all cores, and on "
+                        "numba training uses fewer while that is faster, e.g. on a shared "
+                        "machine)")
 
 
 def _apply_compute_args(args):

@@ -147,7 +147,10 @@ class Tuner:
         tuner.start(); <one batch>; tuner.stop(images)
 
     A Tuner over one candidate (one core, or a count fixed by ``set_num_threads``), or not
-    ``enabled`` (the naive backend, which runs no threads), only counts images.
+    ``enabled``, only counts images. Training enables it on the numba backend alone: OpenBLAS,
+    behind the numpy backend, gives slightly different sums on different thread counts
+    (measured: the complex model's weights 8e-4 apart after 13 batches on 1 and 2 threads), so
+    tuning there would make two runs of one seed differ.
     """
 
     SETTLE = 0  # untimed batches after switching the count (a median of PROBE is enough)

@@ -207,7 +207,9 @@ class Trainer:
         per_step = self.batch_size * (dp.size if dp else 1)  # the global batch
         batches = -(-n // per_step)
         buf = np.empty((min(self.batch_size, n),) + x.shape[1:], net.dtype)
-        self.tuner = threads.Tuner(enabled=backend.get_backend() != "naive" and dp is None)
+        # numba only: its kernels give the same numbers on any thread count; OpenBLAS's (the
+        # numpy backend) do not, and a tuned count would make runs differ with the timing
+        self.tuner = threads.Tuner(enabled=backend.get_backend() == "numba" and dp is None)
         first_run = [backend.get_backend() == "numba"]
         writes = dp is None or dp.is_root  # checkpoints: rank 0 alone
         hook = net.gradient_hook

@@ -243,3 +243,28 @@ def test_the_tuner_probes_again_when_a_core_goes_idle(restore_threads):
         assert run_batches(tuner, clock, cost, 20)[-5:] == [1] * 5  # still busy: stays
         other[0] = False
         assert run_batches(tuner, clock, cost, 40)[-5:] == [top] * 5
+
+
+def test_only_the_numba_backend_tunes_its_threads(monkeypatch, rng, restore_threads):
+    """OpenBLAS (the numpy backend) sums differently on different thread counts: tuning there
+    would make two runs of one seed differ."""
+    import numpy as np
+
+    from fastcnn import models
+
+    threads.set_num_threads("auto")
+    made = []
+
+    class Spy(threads.Tuner):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs.get("enabled", True))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(threads, "Tuner", Spy)
+    x = rng.integers(0, 255, (20, 1, 28, 28), dtype=np.uint8)
+    y = rng.integers(0, 10, 20)
+    for name in ("numpy", "numba", "naive"):
+        with fastcnn.use_backend(name):
+            models.build("simple", seed=0).fit(x[:4] if name == "naive" else x,
+                                               y[:4] if name == "naive" else y, batch_size=4)
+    assert made == [False, True, False]
