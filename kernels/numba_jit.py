@@ -316,12 +316,16 @@ def _conv3x3_forward_across(xf, wg, b, hp, wp, y, fb, v, size):
 
 
 @_parallel
-def _conv3x3_grad_weight_s1(xf, dyf, wp, dw, db):
+def _conv3x3_grad_weight_s1(xf, dyf, wp, dw, db, L, doff, n):
+    """L: the output positions summed over (every one of the batch, junk ones included); dy's
+    value of position k sits at dyf[f, doff + k], its n positions from doff on (doff > 0 when
+    dyf is laid out for the input gradient, shifted by a row and a column)."""
     C, F = xf.shape[0], dw.shape[0]  # F: a multiple of _FB
-    L = xf.shape[1] - 2 * wp - 2  # every output position of the batch, junk ones included
     for t in prange((F // _FB) * C):
         f0, ch = (t // C) * _FB, t % C
-        d0, d1, d2, d3 = dyf[f0, 0:L], dyf[f0 + 1, 0:L], dyf[f0 + 2, 0:L], dyf[f0 + 3, 0:L]
+        e = doff + L
+        d0, d1 = dyf[f0, doff:e], dyf[f0 + 1, doff:e]
+        d2, d3 = dyf[f0 + 2, doff:e], dyf[f0 + 3, doff:e]
         zero = dw[f0, ch, 0, 0]  # dw starts zeroed: a zero in the arrays' dtype
         for p in range(3):
             row = xf[ch, p * wp : p * wp + L + 2]  # the taps (p, 0), (p, 1), (p, 2) read it
@@ -347,8 +351,9 @@ def _conv3x3_grad_weight_s1(xf, dyf, wp, dw, db):
         if ch == 0:  # the bias gradients of the task's filters; one parallel loop compiles faster
             for f in range(f0, f0 + _FB):
                 acc = zero
-                for k in range(dyf.shape[1]):
-                    acc += dyf[f, k]
+                row = dyf[f, doff : doff + n]
+                for k in range(n):
+                    acc += row[k]
                 db[f] = acc
 
 
@@ -376,17 +381,21 @@ def _tiled_forward(fb, v, across):
     return kernel
 
 
-def _forward(x, w, b, stride, ph, pw, shape, tile=None):
+def _forward(x, w, b, stride, ph, pw, shape, tile=None, keep=False, xf=None):
+    """y; with keep, (y, the flat layout of x) for 3x3 stride-1 kernels (else (y, None)). xf:
+    x already laid out so (conv2d_backward's dy, for the input gradient)."""
     y = np.empty(shape, x.dtype)
     w = np.ascontiguousarray(w)
     if stride == 1 and w.shape[2:] == (3, 3):
         hp, wp = x.shape[2] + 2 * ph, x.shape[3] + 2 * pw
         fb, v = tile or conv_tile(shape[3], x.dtype.itemsize)
-        xf = _channel_planes(x, ph, pw, hp, wp, _tile_slack(wp, v))
+        if xf is None:
+            xf = _channel_planes(x, ph, pw, hp, wp, _tile_slack(wp, v))
         _tiled_forward(fb, v, 2 * wp <= v)(xf, _filter_groups(w, fb), b, hp, wp, y)
     else:  # other kernel sizes and strides: the plain direct convolution
         _conv_forward(_padded(x, ph, pw), w, b, stride, y)
-    return y
+        xf = None
+    return (y, xf) if keep else y
 
 
 def conv2d_forward(x, w, b, stride, pad):
@@ -396,6 +405,46 @@ def conv2d_forward(x, w, b, stride, pad):
     """
     stride, pad, shape = c.check_conv_forward(x, w, b, stride, pad)
     return _forward(x, w, b, stride, pad, pad, shape)
+
+
+def conv2d_forward_saving(x, w, b, stride, pad):
+    """conv2d_forward for training: (y, saved), saved being what conv2d_backward can reuse (the
+    flat layout of x the forward kernel built), so that x is laid out once per layer and step.
+    An optional extension of the kernel contract: the layers use it where a backend has it."""
+    stride, pad, shape = c.check_conv_forward(x, w, b, stride, pad)
+    return _forward(x, w, b, stride, pad, pad, shape, keep=True)
+
+
+def conv2d_backward(x, dy, w, stride, pad, need_dx=True, saved=None):
+    """(dw, db, dx or None): conv2d_grad_weight and conv2d_grad_input in one call, the same
+    numbers bit for bit. For 3x3 stride-1 'same' convolutions dy is laid out once for both (the
+    input gradient's layout, shifted by a row and a column, is the weight gradient's), and x's
+    layout comes from the forward pass (``saved``) instead of being built again."""
+    kernel_size = w.shape[2:]
+    (kh, kw), stride, pad = c.check_conv_grad_weight(x, dy, kernel_size, stride, pad)
+    if need_dx:
+        c.check_conv_grad_input(dy, w, x.shape, stride, pad)
+    if not (stride == 1 and (kh, kw) == (3, 3) and pad == 1):
+        dw, db = conv2d_grad_weight(x, dy, kernel_size, stride, pad)
+        dx = conv2d_grad_input(dy, w, x.shape, stride, pad) if need_dx else None
+        return dw, db, dx
+    n, ch, h, wd = x.shape
+    f = dy.shape[1]
+    hp, wp = h + 2, wd + 2
+    fb = grad_weight_filters(ch)
+    groups = -(-f // (fb or _FB)) * (fb or _FB)
+    v = conv_tile(wd, x.dtype.itemsize)[1]  # the input gradient's tile (its outputs: wd wide)
+    dyf = _channel_planes(dy, 1, 1, hp, wp, _tile_slack(wp, v), channels=groups)
+    if saved is not None and (saved.dtype != x.dtype or saved.shape[0] != ch
+                              or saved.shape[1] < n * hp * wp):
+        raise ValueError(f"saved holds the layout of another input ({saved.dtype} "
+                         f"{saved.shape}), not of x {x.dtype} {x.shape}")
+    dw, db = _grad_weight_3x3(x, dy, 1, fb, xf=saved, dyf=dyf, doff=wp + 1)
+    dx = None
+    if need_dx:  # the transposed convolution of dy: a convolution with flipped, swapped kernels
+        w_t = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+        dx = _forward(dy, w_t, np.zeros(ch, dy.dtype), 1, 1, 1, x.shape, xf=dyf)
+    return dw, db, dx
 
 
 @_parallel
@@ -443,13 +492,13 @@ def grad_weight_filters(channels, registers=VECTOR_REGISTERS):
 
 
 @_parallel
-def _conv3x3_grad_weight_chunked(xf, dyf, wp, parts, fb, size):
-    """parts[i, f] = part i's share of dw[f] (fb and size = 3 * fb: compile-time constants)."""
+def _conv3x3_grad_weight_chunked(xf, dyf, wp, parts, L, doff, fb, size):
+    """parts[i, f] = part i's share of dw[f] (fb and size = 3 * fb: compile-time constants);
+    L and doff as in _conv3x3_grad_weight_s1."""
     literally(fb)
     literally(size)
     C, F, P = xf.shape[0], parts.shape[1], parts.shape[0]
     S, SD = xf.shape[1], dyf.shape[1]
-    L = S - 2 * wp - 2  # every output position of the batch, junk ones included
     x, d = _flat(xf), _flat(dyf)
     per = (L + P - 1) // P
     groups = F // fb
@@ -468,7 +517,7 @@ def _conv3x3_grad_weight_chunked(xf, dyf, wp, parts, fb, size):
                     for k in range(n):
                         x0, x1, x2 = x[at + k], x[at + k + 1], x[at + k + 2]
                         for f in range(fb):
-                            g = d[(f0 + f) * SD + k0 + k]
+                            g = d[(f0 + f) * SD + doff + k0 + k]
                             a[3 * f] += g * x0
                             a[3 * f + 1] += g * x1
                             a[3 * f + 2] += g * x2
@@ -488,43 +537,49 @@ def _chunked_grad_weight(fb):
         size = 3 * fb
 
         @_serial
-        def kernel(xf, dyf, wp, parts):
-            _conv3x3_grad_weight_chunked(xf, dyf, wp, parts, fb, size)
+        def kernel(xf, dyf, wp, parts, L, doff):
+            _conv3x3_grad_weight_chunked(xf, dyf, wp, parts, L, doff, fb, size)
 
         _CHUNKED[fb] = kernel
     return kernel
 
 
 @_serial
-def _row_sums(a, out):
+def _row_sums(a, out, start, n):
+    """out[r] = a[r, start] + ... + a[r, start + n - 1], for the first len(out) rows."""
     for r in range(out.shape[0]):
         acc = a[r, 0] - a[r, 0]  # a zero in a's dtype
-        for k in range(a.shape[1]):
-            acc += a[r, k]
+        for k in range(n):
+            acc += a[r, start + k]
         out[r] = acc
 
 
-def _grad_weight_3x3(x, dy, pad, fb=None):
+def _grad_weight_3x3(x, dy, pad, fb=None, xf=None, dyf=None, doff=0):
     """dw, db of a 3x3 stride-1 convolution; fb: the chunked kernel's filters a pass (0: the
-    AVX2 kernel; default: grad_weight_filters(channels))."""
+    AVX2 kernel; default: grad_weight_filters(channels)). xf: x already laid out (by the
+    forward pass: conv2d_forward_saving); dyf, doff: dy already laid out, its position k at
+    doff + k (by conv2d_backward, for the input gradient too; rows: a whole number of groups).
+    Either way the sums run in the same order: the same numbers as laying them out here."""
     fb = grad_weight_filters(x.shape[1]) if fb is None else fb
-    f = dy.shape[1]
+    n, f = dy.shape[0], dy.shape[1]
     hp, wp = x.shape[2] + 2 * pad, x.shape[3] + 2 * pad
     # dy laid out like x, its junk rows and columns zero so they add nothing to the sums, and
     # padded with zero filters to a whole number of groups.
     group = fb or _FB
     fg = -(-f // group) * group
-    dyf = _channel_planes(dy, 0, 0, hp, wp, channels=fg)
-    xf = _channel_planes(x, pad, pad, hp, wp)
+    if dyf is None:
+        dyf, doff = _channel_planes(dy, 0, 0, hp, wp, channels=fg), 0
+    if xf is None:
+        xf = _channel_planes(x, pad, pad, hp, wp)
+    positions = n * hp * wp - 2 * wp - 2  # every output position, junk ones included
     if not fb:
         dw, db = np.zeros((fg, x.shape[1], 3, 3), x.dtype), np.zeros(fg, x.dtype)
-        _conv3x3_grad_weight_s1(xf, dyf, wp, dw, db)
+        _conv3x3_grad_weight_s1(xf, dyf, wp, dw, db, positions, doff, n * hp * wp)
         return dw[:f], db[:f]
-    positions = xf.shape[1] - 2 * wp - 2
     parts = np.zeros((-(-positions // _WG_PART), fg, x.shape[1], 3, 3), x.dtype)
-    _chunked_grad_weight(fb)(xf, dyf, wp, parts)
+    _chunked_grad_weight(fb)(xf, dyf, wp, parts, positions, doff)
     db = np.empty(f, x.dtype)
-    _row_sums(dyf[:f], db)
+    _row_sums(dyf, db, doff, n * hp * wp)
     return _sum_parts(parts)[:f], db
 
 

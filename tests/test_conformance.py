@@ -73,6 +73,26 @@ def test_conv_agrees_with_naive(fast, rng, case, dtype):
     assert dx.shape == x.shape and dx.dtype == dtype
     np.testing.assert_allclose(dx, NAIVE.conv2d_grad_input(dy, wt, x.shape, stride, pad),
                                **tol(dtype))
+    assert_fused_backward_is_the_same(fast, x, wt, b, dy, stride, pad)
+
+
+def assert_fused_backward_is_the_same(fast, x, wt, b, dy, stride, pad):
+    """The contract's optional pair (numba): conv2d_forward_saving gives conv2d_forward's y, and
+    conv2d_backward, with or without what the forward saved, gives conv2d_grad_weight's and
+    conv2d_grad_input's numbers bit for bit (NaN where they have NaN)."""
+    if not hasattr(fast, "conv2d_backward"):
+        return
+    kernel = wt.shape[2:]
+    y, saved = fast.conv2d_forward_saving(x, wt, b, stride, pad)
+    np.testing.assert_array_equal(y, fast.conv2d_forward(x, wt, b, stride, pad))
+    dw, db = fast.conv2d_grad_weight(x, dy, kernel, stride, pad)
+    dx = fast.conv2d_grad_input(dy, wt, x.shape, stride, pad)
+    for keep in (saved, None):
+        got = fast.conv2d_backward(x, dy, wt, stride, pad, True, keep)
+        for g, want in zip(got, (dw, db, dx), strict=True):
+            assert g.dtype == want.dtype and g.shape == want.shape
+            np.testing.assert_array_equal(g, want)
+    assert fast.conv2d_backward(x, dy, wt, stride, pad, False, saved)[2] is None
 
 
 # The numba backend's fast paths work in tiles: 3x3 stride-1 convolutions in groups of 4 filters
@@ -80,7 +100,9 @@ def test_conv_agrees_with_naive(fast, rng, case, dtype):
 # sit on and around those edges (rows longer than one tile, filter counts off the groups), which
 # the random grid above, with its small planes, rarely reaches.
 TILE_EDGE_CONVS = [(2, 3, 5, 33, 5, 1), (1, 2, 17, 16, 7, 0), (3, 1, 4, 15, 4, 2),
-                   (2, 5, 6, 32, 9, 1), (1, 4, 3, 3, 1, 1)]
+                   (2, 5, 6, 32, 9, 1), (1, 4, 3, 3, 1, 1),
+                   # 8+ channels: the chunked weight gradient on AVX-512 (filters off its groups)
+                   (2, 9, 7, 30, 11, 1), (2, 8, 6, 14, 8, 1)]
 
 
 @pytest.mark.parametrize("case", TILE_EDGE_CONVS, ids=case_id)
@@ -284,6 +306,9 @@ def test_conv_keeps_nan_and_inf(fast, rng, case, dtype, bad):
         assert not np.isfinite(want).all()
         assert_nan_rule(fast.conv2d_grad_input(args["dy"], args["w"], x.shape, stride, pad),
                         want, dtype, f"dx, {bad} in {name}")
+        assert_fused_backward_is_the_same(fast, x, args["w"], b, args["dy"], stride, pad)
+    assert_fused_backward_is_the_same(fast, poison(rng, x, values=values), wt, b, dy, stride,
+                                      pad)
 
 
 @nan_ok
@@ -478,3 +503,18 @@ def test_numba_every_weight_gradient_variant_agrees_with_naive(rng, fb, case, dt
         # sums of thousands of float32 products: the rounding scales with the largest sum
         limits = dict(tol(dtype), atol=tol(dtype)["atol"] * max(1.0, float(np.abs(ref).max())))
         np.testing.assert_allclose(got, ref, **limits)
+
+
+def test_numba_fused_backward_refuses_a_layout_of_another_input(rng):
+    from fastcnn.kernels import numba_jit
+
+    x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    _, saved = numba_jit.conv2d_forward_saving(x, w, np.zeros(4, np.float32), 1, 1)
+    dy = np.ones((2, 4, 6, 6), np.float32)
+    other = rng.standard_normal((3, 3, 6, 6)).astype(np.float32)  # a batch of 3, not 2
+    dy3 = np.ones((3, 4, 6, 6), np.float32)
+    with pytest.raises(ValueError, match="layout of another input"):
+        numba_jit.conv2d_backward(other, dy3, w, 1, 1, True, saved[:, :10])
+    with pytest.raises(ValueError, match="layout of another input"):
+        numba_jit.conv2d_backward(x, dy, w, 1, 1, True, saved.astype(np.float64))
