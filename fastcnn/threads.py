@@ -155,7 +155,7 @@ class Tuner:
 
     SETTLE = 0  # untimed batches after switching the count (a median of PROBE is enough)
     PROBE = 4  # timed batches per candidate, at least
-    PROBE_S = 0.03  # and at least this many seconds of them (tiny batches are noisy)
+    PROBE_S = 0.1  # and at least this many seconds of them (short spells of noise average out)
     BETTER = 1.1  # fewer threads only when this much faster (else all cores)
     SLOWER = 1.5  # re-probe when the recent batches are this much slower than at the choice
     IDLE_EVERY_S = 1.0  # how often to look for idle cores while on fewer than all
