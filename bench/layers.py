@@ -6,7 +6,10 @@ Every engine runs in a process of its own (no two thread runtimes share one), an
 take turns, round after round, so a shared machine's drift hits them alike. Prints the median
 GFLOP/s per (layer, pass) and numba's ratio to PyTorch. The forward pass, the weight gradient and
 the input gradient are timed separately; for PyTorch, the gradients are
-torch.nn.grad.conv2d_weight / conv2d_input, which call the same kernels as autograd.
+torch.nn.grad.conv2d_weight / conv2d_input, which call the same kernels as autograd. "backward"
+is both gradients as training computes them (counted as two passes of FLOPs): numba's
+conv2d_backward with the layout of x its forward pass kept (dy laid out once for both), PyTorch's
+aten.convolution_backward, the one call autograd makes.
 """
 
 import argparse
@@ -26,7 +29,8 @@ LAYERS = {
     "complex.conv3": (32, 14, 64),
     "complex.conv4": (64, 14, 64),
 }
-PASSES = ("forward", "grad_weight", "grad_input")
+PASSES = ("forward", "grad_weight", "grad_input", "backward")
+FLOPS_PER_PASS = {"forward": 1, "grad_weight": 1, "grad_input": 1, "backward": 2}
 
 
 def passes_for(engine, n, c, h, f):
@@ -45,14 +49,23 @@ def passes_for(engine, n, c, h, f):
             "forward": lambda: conv(tx, tw, tb, padding=1),
             "grad_weight": lambda: torch.nn.grad.conv2d_weight(tx, tw.shape, tdy, padding=1),
             "grad_input": lambda: torch.nn.grad.conv2d_input(tx.shape, tw, tdy, padding=1),
+            "backward": lambda: torch.ops.aten.convolution_backward(
+                tdy, tx, tw, [f], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, True]),
         }
     from fastcnn import backend
 
     k = backend.load(engine)
+    if hasattr(k, "conv2d_backward"):
+        _, saved = k.conv2d_forward_saving(x, w, b, 1, 1)
+        both = lambda: k.conv2d_backward(x, dy, w, 1, 1, True, saved)  # noqa: E731
+    else:
+        both = lambda: (k.conv2d_grad_weight(x, dy, 3, 1, 1),  # noqa: E731
+                        k.conv2d_grad_input(dy, w, x.shape, 1, 1))
     return {
         "forward": lambda: k.conv2d_forward(x, w, b, 1, 1),
         "grad_weight": lambda: k.conv2d_grad_weight(x, dy, 3, 1, 1),
         "grad_input": lambda: k.conv2d_grad_input(dy, w, x.shape, 1, 1),
+        "backward": both,
     }
 
 
@@ -73,7 +86,8 @@ def worker(engine, batch):
             fn()
             runs += 1
         elapsed = (time.perf_counter() - start) / runs
-        print(json.dumps(2 * batch * f * c * 9 * h * h / elapsed / 1e9), flush=True)
+        flops = FLOPS_PER_PASS[which] * 2 * batch * f * c * 9 * h * h
+        print(json.dumps(flops / elapsed / 1e9), flush=True)
 
 
 def main():
