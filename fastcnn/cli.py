@@ -409,7 +409,11 @@ def _data_parallel(args):
         k = distributed.launched_size()
         if k > 1:
             if distributed.launched_rank() != 0:
-                raise SystemExit(1)  # rank 0 says why
+                import time
+
+                # rank 0 says why; exiting first would let mpirun end the job before it does
+                time.sleep(3)
+                raise SystemExit(1)
             raise ValueError(f"this is one of {k} processes started by an MPI launcher: add "
                              "--distributed to train one model together (without it, each "
                              "would train its own)")
