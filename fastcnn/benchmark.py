@@ -253,7 +253,7 @@ def plot(results, path):
     has_torch = all(TORCH in {e.engine for e in r.engines} for r in results)
     base_name = TORCH if has_torch else engines[0]
     width = 0.8 / max(len(engines), 1)
-    fig = Figure(figsize=(2.4 + 2.3 * len(results), 4.6), dpi=120, layout="constrained")
+    fig = Figure(figsize=(4.2 + 2.3 * len(results), 4.6), dpi=120, layout="constrained")
     ax = fig.subplots()
     colors = {"naive": "#b0b0b0", "numpy": "#4c72b0", "numba": "#dd8452"}
 
@@ -295,9 +295,9 @@ def plot(results, path):
     ax.set_ylabel("training speed, x " + ("PyTorch's" if has_torch else f"{base_name}'s"))
     ax.grid(axis="y", alpha=0.3, zorder=0)
     threads = results[0].threads
-    ax.set_title(f"fastcnn training speed against {'PyTorch CPU' if has_torch else base_name} "
-                 f"(float32, up to {threads} threads; higher is faster)")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title(f"fastcnn training speed against {'PyTorch CPU' if has_torch else base_name}\n"
+                 f"float32, up to {threads} threads; higher is faster", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside: over no bar
     atomic.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
 
 
