@@ -111,6 +111,15 @@ class _NoBar:
         pass
 
 
+def _averaging(dp, share, hook):
+    """The gradient hook of a distributed step: the allreduce, then ``hook`` (if any)."""
+    def average(net):
+        dp.allreduce_gradients(net, share)
+        if hook is not None:
+            hook(net)
+    return average
+
+
 def _interactive():
     """Whether someone is watching: stderr is a terminal, or this is a Jupyter kernel."""
     try:
@@ -238,9 +247,8 @@ class Trainer:
                             self.optimizer.lr = self.optimizer.base_lr * self.schedule.factor(at)
                         if b == 0:
                             self.history["lr"].append(self.optimizer.lr)
-                        if dp:
-                            share = len(idx) / len(every)
-                            net.gradient_hook = lambda net, w=share: dp.allreduce_gradients(net, w)
+                        if dp:  # average first; a hook of the caller's sees the average
+                            net.gradient_hook = _averaging(dp, len(idx) / len(every), hook)
                         self.tuner.start()
                         with _compile_notice(verbose and self.steps == 0 and first_run[0]):
                             first_run[0] = False

@@ -17,6 +17,9 @@ CASES = {
                                  epochs=2),
     "adam_float32": dict(model="simple", dtype="float32", optimizer="adam", batch=5, n=31,
                          epochs=2),
+    # a gradient hook of the caller's (here: halving every gradient) sees the averaged gradient
+    "hooked_float64": dict(model="simple", dtype="float64", optimizer="sgd", batch=5, n=31,
+                           epochs=1, hook=True),
     # BatchNorm (each rank's own shard statistics) and Dropout: not one process's run, but every
     # rank must still end with the same model
     "modern_float32": dict(model="modern", dtype="float32", optimizer="adam", batch=5, n=30,
@@ -24,8 +27,15 @@ CASES = {
 }
 
 
+def halve(net):
+    for _, _, grad in net.parameters():
+        grad *= 0.5
+
+
 def make(case):
     net = models.build(case["model"], dtype=np.dtype(case["dtype"]), seed=0)
+    if case.get("hook"):
+        net.gradient_hook = halve
     if case["optimizer"] == "sgd":
         opt = fastcnn.SGD(0.05, momentum=0.9)
     else:
