@@ -67,7 +67,7 @@ class CompileNotice:
     kernels are being compiled for this CPU, once per install, and when the batch ends, how long
     it took. ``write`` is where lines go (tqdm.write under a progress bar)."""
 
-    def __init__(self, enabled=True, after_s=1.0, write=None):
+    def __init__(self, enabled=True, after_s=2.0, write=None):
         import sys
         import threading
         import time

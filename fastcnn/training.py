@@ -131,7 +131,7 @@ def _interactive():
 
 
 def _compile_notice(enabled):
-    """Around the run's first batch (numba, verbose): if it takes over a second, say that the
+    """Around the run's first batch (numba, verbose): if it takes over 2 s, say that the
     kernels are compiling (see jit_cost.CompileNotice)."""
     if not enabled:
         return contextlib.nullcontext()
