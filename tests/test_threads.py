@@ -190,12 +190,12 @@ def test_fit_records_its_thread_count_per_epoch_and_restores_all_cores(restore_t
     threads.set_num_threads("auto")
     x = rng.integers(0, 255, (60, 1, 28, 28), dtype=np.uint8)
     y = rng.integers(0, 10, 60)
-    history = models.build("simple", seed=0).fit(x, y, epochs=2, batch_size=5)
+    history = models.build("simple", seed=0).fit(x, y, epochs=2, batch_size=5, seed=0)
     assert len(history["threads"]) == 2
     assert all(1 <= n <= threads.max_threads() for n in history["threads"])
     assert threads.get_num_threads() == threads.max_threads()
     fastcnn.set_num_threads(1)
-    history = models.build("simple", seed=0).fit(x, y, epochs=1, batch_size=5)
+    history = models.build("simple", seed=0).fit(x, y, epochs=1, batch_size=5, seed=0)
     assert history["threads"] == [1]
 
 
@@ -266,5 +266,6 @@ def test_only_the_numba_backend_tunes_its_threads(monkeypatch, rng, restore_thre
     for name in ("numpy", "numba", "naive"):
         with fastcnn.use_backend(name):
             models.build("simple", seed=0).fit(x[:4] if name == "naive" else x,
-                                               y[:4] if name == "naive" else y, batch_size=4)
+                                               y[:4] if name == "naive" else y, batch_size=4,
+                                               seed=0)
     assert made == [False, True, False]
