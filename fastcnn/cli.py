@@ -17,6 +17,7 @@ from . import __version__
 # that these agree with the modules that define them.
 BACKENDS = ("naive", "numpy", "numba")
 DATASETS = ("mnist-sample", "mnist", "fashion-mnist")
+PICTURE_STYLES = ("digit", "fashion", "none")
 MODELS = ("simple", "complex", "modern")
 DEBUG_VAR = "FASTCNN_DEBUG"
 
@@ -222,7 +223,7 @@ def _parser():
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="picture files")
     predict.add_argument("--top", type=_positive_int, default=3,
                          help="how many classes to show (default: %(default)s)")
-    predict.add_argument("--style", choices=("digit", "fashion", "none"),
+    predict.add_argument("--style", choices=PICTURE_STYLES,
                          help="how to prepare the picture (default: from the dataset the model "
                               "was trained on, per its history file; else digit)")
     predict.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
@@ -551,8 +552,8 @@ def cmd_bench(args):
     if args.json and not args.from_json:
         meta = {"fastcnn": __version__, "cpu": machine, "argv": sys.argv[1:],
                 "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-        with open(args.json, "w") as f:
-            json.dump(benchmark.to_json(results, meta), f, indent=2)
+        text = json.dumps(benchmark.to_json(results, meta), indent=2)
+        atomic.atomic_write(args.json, lambda f: f.write(text.encode()))
         print(f"\nwrote {args.json}")
     if args.plot:
         benchmark.plot(results, args.plot)

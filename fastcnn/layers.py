@@ -122,19 +122,20 @@ class Conv2D(Layer):
         return (self.out_channels, oh, ow)
 
     def forward(self, x):
-        self._x, self._saved = x, None
+        self._x, self._saved = x, None  # _saved: (kernel module, what its forward kept)
         k, w, b = kernels(), self.params["weight"], self.params["bias"]
         if self.training and hasattr(k, "conv2d_forward_saving"):  # numba: x laid out once
-            y, self._saved = k.conv2d_forward_saving(x, w, b, self.stride, self.pad)
-            self._saved_by = k
+            y, kept = k.conv2d_forward_saving(x, w, b, self.stride, self.pad)
+            self._saved = (k, kept)
             return y
         return k.conv2d_forward(x, w, b, self.stride, self.pad)
 
     def backward(self, dy, need_dx=True):
         k = kernels()
         if hasattr(k, "conv2d_backward"):
-            saved = self._saved if getattr(self, "_saved_by", None) is k else None
+            by, saved = self._saved or (None, None)
             self._saved = None  # one backward pass per forward: free it
+            saved = saved if by is k else None  # (the backend changed in between: not ours)
             self.grads["weight"], self.grads["bias"], dx = k.conv2d_backward(
                 self._x, dy, self.params["weight"], self.stride, self.pad, need_dx, saved)
             return dx

@@ -153,7 +153,6 @@ class Tuner:
     tuning there would make two runs of one seed differ.
     """
 
-    SETTLE = 0  # untimed batches after switching the count (a median of PROBE is enough)
     PROBE = 4  # timed batches per candidate, at least
     PROBE_S = 0.1  # and at least this many seconds of them (short spells of noise average out)
     BETTER = 1.1  # fewer threads only when this much faster (else all cores)
@@ -171,7 +170,7 @@ class Tuner:
         self.reprobe_s = reprobe_s
         self.clock = clock
         self.chosen = top if self.active else None
-        self.probing = []  # [candidate, batches left to settle, what was timed]
+        self.probing = []  # [candidate, untimed batches left, [seconds, images, batches]]
         self.results = {}  # candidate -> mean seconds per image in the last probe
         self.recent = []  # per-image times since the choice
         self.since = None  # when the current choice was made
@@ -181,16 +180,16 @@ class Tuner:
         self.idle_mark = None  # (time, idle jiffies, all jiffies) of the last look
         self.cpu_times = cpu_times or _cpu_jiffies
 
-    def _begin_probe(self):
+    def _begin_probe(self, untimed=0):
         self.results = {}
-        self.probing = [[c, self.SETTLE, []] for c in self.candidates]
+        self.probing = [[c, 0, [0.0, 0, 0]] for c in self.candidates]
+        self.probing[0][1] = untimed
 
     def start(self):
         if not self.active:
             return
         if self.since is None and not self.probing:  # the first batch compiles: not timed
-            self._begin_probe()
-            self.probing[0][1] += 1
+            self._begin_probe(untimed=1)
         n = self.probing[0][0] if self.probing else self.chosen
         if n != get_num_threads():  # (another loop may have changed it)
             _apply(n)
@@ -202,16 +201,17 @@ class Tuner:
         if not self.active or self.t0 is None:
             return
         now = self.clock()
-        per_image = (now - self.t0) / max(images, 1)
+        seconds, images = now - self.t0, max(images, 1)
         self.t0 = None
         if self.probing:
-            entry = self.probing[0]  # [count, batches to settle, [seconds, images, batches]]
+            entry = self.probing[0]
             if entry[1] > 0:
                 entry[1] -= 1
                 return
-            took = entry[2] or [0.0, 0, 0]
-            entry[2] = took = [took[0] + per_image * max(images, 1), took[1] + max(images, 1),
-                               took[2] + 1]
+            took = entry[2]
+            took[0] += seconds
+            took[1] += images
+            took[2] += 1
             mean = took[0] / took[1]
             best = min(self.results.values(), default=None)
             hopeless = best is not None and took[2] >= 2 and mean > 2 * best
@@ -222,7 +222,7 @@ class Tuner:
                     self.chosen = self._choose()
                     self.since, self.recent = now, []
             return
-        self.recent.append(per_image)
+        self.recent.append(seconds / images)
         if len(self.recent) > 2 * self.PROBE:
             self.recent.pop(0)
         slower = (len(self.recent) == 2 * self.PROBE and statistics.median(self.recent)
@@ -269,6 +269,7 @@ class Tuner:
 
     def __exit__(self, *exc):
         """Back to all cores, the count outside a tuned loop."""
-        if self.active and get_num_threads() != self.candidates[0]:
-            _apply(self.candidates[0])
-        self.current = self.candidates[0]
+        if self.active:
+            if get_num_threads() != self.candidates[0]:
+                _apply(self.candidates[0])
+            self.current = self.candidates[0]

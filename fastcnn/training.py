@@ -111,13 +111,18 @@ class _NoBar:
         pass
 
 
-def _averaging(dp, share, hook):
-    """The gradient hook of a distributed step: the allreduce, then ``hook`` (if any)."""
-    def average(net):
-        dp.allreduce_gradients(net, share)
-        if hook is not None:
-            hook(net)
-    return average
+class _Averaging:
+    """The gradient hook of distributed steps: the allreduce of the gradients weighted by this
+    rank's ``share`` of the step's global batch (set before each step), then ``hook`` (the
+    caller's own, if any), which so sees the average."""
+
+    def __init__(self, dp, hook):
+        self.dp, self.hook, self.share = dp, hook, 1.0
+
+    def __call__(self, net):
+        self.dp.allreduce_gradients(net, self.share)
+        if self.hook is not None:
+            self.hook(net)
 
 
 def _interactive():
@@ -218,10 +223,12 @@ class Trainer:
         buf = np.empty((min(self.batch_size, n),) + x.shape[1:], net.dtype)
         # numba only: its kernels give the same numbers on any thread count; OpenBLAS's (the
         # numpy backend) do not, and a tuned count would make runs differ with the timing
-        self.tuner = threads.Tuner(enabled=backend.get_backend() == "numba" and dp is None)
-        first_run = [backend.get_backend() == "numba"]
+        numba = backend.get_backend() == "numba"
+        self.tuner = threads.Tuner(enabled=numba and dp is None)
+        notice_at = self.steps if numba and verbose else None  # this run's first step compiles
         writes = dp is None or dp.is_root  # checkpoints: rank 0 alone
         hook = net.gradient_hook
+        averaging = _Averaging(dp, hook) if dp else None
         with _Interrupts(checkpoint is not None) as interrupts, self.tuner:
             while self.epoch < self.epochs and not self.stopped_early:
                 epoch = self.epoch + 1
@@ -247,11 +254,11 @@ class Trainer:
                             self.optimizer.lr = self.optimizer.base_lr * self.schedule.factor(at)
                         if b == 0:
                             self.history["lr"].append(self.optimizer.lr)
-                        if dp:  # average first; a hook of the caller's sees the average
-                            net.gradient_hook = _averaging(dp, len(idx) / len(every), hook)
+                        if dp:
+                            averaging.share = len(idx) / len(every)
+                            net.gradient_hook = averaging
                         self.tuner.start()
-                        with _compile_notice(verbose and self.steps == 0 and first_run[0]):
-                            first_run[0] = False
+                        with _compile_notice(self.steps == notice_at):
                             if len(idx):
                                 loss, logits = net.train_step(xb, yb, self.optimizer)
                             else:  # distributed: a short last batch left this rank nothing

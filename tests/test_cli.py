@@ -53,11 +53,12 @@ def test_bad_option_is_a_usage_error():
 
 
 def test_the_parsers_choices_agree_with_the_library():
-    from fastcnn import backend, cli, datasets, models
+    from fastcnn import backend, cli, datasets, models, predict
 
     assert cli.BACKENDS == tuple(backend.BACKENDS)
     assert cli.DATASETS == datasets.NAMES
     assert cli.MODELS == models.MODELS
+    assert cli.PICTURE_STYLES == predict.STYLES
 
 
 @pytest.mark.parametrize("args, message", [
