@@ -53,9 +53,10 @@ def passes_for(engine, n, c, h, f):
                 tdy, tx, tw, [f], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, True]),
         }
     from fastcnn import backend
+    from fastcnn.kernels import _contract
 
     k = backend.load(engine)
-    if hasattr(k, "conv2d_backward"):
+    if _contract.has(k, "conv2d_saved_layout"):
         _, saved = k.conv2d_forward_saving(x, w, b, 1, 1)
         both = lambda: k.conv2d_backward(x, dy, w, 1, 1, True, saved)  # noqa: E731
     else:

@@ -58,7 +58,7 @@ def worker(engine, epochs, threads, seed):
         fastcnn.set_num_threads(threads)
         opt, schedule = recipe_objects(engine, None, batches, epochs)
         buf = np.empty((batch, 1, 28, 28), np.float32)
-        net.train_step(net._batch(x, np.arange(batch), buf), y[:batch], fastcnn.SGD(1e-12))
+        net.train_step(net.prepare_batch(x, np.arange(batch), buf), y[:batch], fastcnn.SGD(1e-12))
         net = models.build("modern", seed=seed)  # compiled now; start again from seed's weights
     else:
         import torch
@@ -83,7 +83,7 @@ def worker(engine, epochs, threads, seed):
             for s in range(0, len(x), batch):
                 idx = order[s : s + batch]
                 opt.lr = opt.base_lr * schedule.factor(step)
-                net.train_step(net._batch(x, idx, buf), y[idx], opt)
+                net.train_step(net.prepare_batch(x, idx, buf), y[idx], opt)
                 step += 1
             seconds = time.perf_counter() - start
             acc = net.evaluate(xt, yt, batch_size=256)["accuracy"]

@@ -17,7 +17,7 @@ _EXPORTS = {
     "Conv2D": "layers", "Dense": "layers", "Flatten": "layers", "MaxPool2D": "layers",
     "ReLU": "layers", "SoftmaxCrossEntropy": "layers", "Dropout": "layers",
     "BatchNorm2D": "layers", "BatchNorm1D": "layers",
-    "ConvNet": "network", "TrainingDiverged": "network",
+    "ConvNet": "network", "TrainingDiverged": "training",
     "SGD": "optim", "Adam": "optim", "AdamW": "optim",
     "get_num_threads": "threads", "set_num_threads": "threads",
 }

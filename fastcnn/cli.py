@@ -1,4 +1,6 @@
-"""The ``fastcnn`` command: train, evaluate, bench, info.
+"""The ``fastcnn`` command: train, evaluate, plot, predict, bench, info.
+
+Each command is a ``cmd_<command>(args)`` with its ``_add_<command>_parser`` right above it.
 
 Nothing but ``os`` and ``sys`` (loaded with Python itself) is imported at the top: argparse,
 NumPy, Numba and the rest load inside ``main``'s error handling, so a Ctrl-C or a failure at any
@@ -19,6 +21,9 @@ BACKENDS = ("naive", "numpy", "numba")
 DATASETS = ("mnist-sample", "mnist", "fashion-mnist")
 PICTURE_STYLES = ("digit", "fashion", "none")
 MODELS = ("simple", "complex", "modern")
+RECIPE_NAMES = ("seed", "modern")
+OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
+SCHEDULE_NAMES = ("constant", "step", "cosine")  # warm-up is a flag of its own: --warmup
 DEBUG_VAR = "FASTCNN_DEBUG"
 
 
@@ -78,53 +83,6 @@ def _add_data_args(p, batch_help):
         p.add_argument("--batch-size", type=_positive_int, default=None, help=batch_help)
 
 
-RECIPE_NAMES = ("seed", "modern")
-OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
-SCHEDULE_NAMES = ("constant", "step", "cosine")
-
-
-def _add_training_args(train):
-    r = train.add_argument_group(
-        "recipe", "--recipe sets the defaults of the flags below (seed: simple model, plain SGD "
-                  "0.05, batch 10, 5 epochs; modern: BatchNorm model, AdamW 2e-3 with weight "
-                  "decay 1e-4, batch 64, 5 epochs, a warm-up over the first 3%% of the batches "
-                  "then a cosine decay); "
-                  "any flag given overrides its recipe's value")
-    r.add_argument("--recipe", default="seed", choices=RECIPE_NAMES,
-                   help="the defaults to start from (default: %(default)s)")
-    r.add_argument("--model", choices=MODELS,
-                   help="simple and complex: the seed's two CNNs; modern: complex with BatchNorm "
-                        "after every convolution and Dropout before the last layer")
-    r.add_argument("--epochs", type=_positive_int, help="passes over the training images")
-    r.add_argument("--optimizer", choices=OPTIMIZER_NAMES,
-                   help="sgd (plain, or with --momentum), adam, or adamw (decoupled weight decay)")
-    r.add_argument("--lr", type=_positive_float, help="learning rate (the schedule's peak)")
-    r.add_argument("--momentum", type=_fraction, help="SGD momentum in [0, 1)")
-    r.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
-    r.add_argument("--weight-decay", type=_checked(float, lambda v: v >= 0, ">= 0", "a number"),
-                   help="L2 weight decay (sgd, adam) or decoupled decay (adamw)")
-    r.add_argument("--schedule", choices=SCHEDULE_NAMES,
-                   help="learning-rate schedule: constant; step (times --gamma every "
-                        "--step-size epochs); cosine (down to 0 over the whole run, per batch)")
-    r.add_argument("--step-size", type=_positive_int, default=2,
-                   help="epochs between decays of --schedule step (default: %(default)s)")
-    r.add_argument("--gamma", type=_positive_float, default=0.1,
-                   help="decay factor of --schedule step (default: %(default)s)")
-    r.add_argument("--warmup", type=_checked(int, lambda v: v >= 0, ">= 0"),
-                   help="batches of linear warm-up from 0.1 x --lr before the schedule "
-                        "(default: the recipe's, 0 or 3%% of the run)")
-    c = train.add_argument_group("checkpoints")
-    c.add_argument("--checkpoint", metavar="PATH",
-                   help="write a checkpoint here after every epoch (and on Ctrl-C)")
-    c.add_argument("--resume", metavar="PATH",
-                   help="continue the run saved in this checkpoint: the same data and recipe, "
-                        "to --epochs in all (default: the run's own); it keeps checkpointing "
-                        "there unless --checkpoint says otherwise")
-    c.add_argument("--early-stopping", type=_positive_int, metavar="PATIENCE",
-                   help="stop when the validation loss has not improved for PATIENCE epochs, "
-                        "keeping the best weights")
-
-
 def _parser():
     import argparse
 
@@ -133,110 +91,9 @@ def _parser():
                                     "backends.")
     parser.add_argument("--version", action="version", version=f"fastcnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    train = sub.add_parser("train", help="train a model and report its test accuracy",
-                           description="Train a model, validate it every epoch and report its "
-                                       "test accuracy.")
-    _add_data_args(train, "images per training step (default: the recipe's, 10 or 64)")
-    _add_training_args(train)
-    train.add_argument("--seed", type=_seed, default=0,
-                       help="seed for weights, shuffling and dropout (default: %(default)s)")
-    train.add_argument("--limit", type=_positive_int, help="train on the first N training images")
-    train.add_argument("--test-limit", type=_positive_int,
-                       help="test on the first N test images (default: all; 200 on naive)")
-    train.add_argument("--val-fraction", type=_fraction, default=0.1,
-                       help="fraction of the training images held out for validation "
-                            "(default: %(default)s)")
-    train.add_argument("--dtype", default="float32", choices=("float32", "float64"),
-                       help="precision of parameters and activations (default: %(default)s)")
-    train.add_argument("--save", metavar="PATH", help="write the trained model (.npz) here, and "
-                                                      "its history beside it (.history.json, "
-                                                      ".history.csv)")
-    train.add_argument("--distributed", action="store_true",
-                       help="one of K processes started by 'mpirun -n K': each trains on its "
-                            "shard of every global batch of K x --batch-size images, gradients "
-                            "averaged before every step (needs the mpi extra)")
-    train.add_argument("--plot", metavar="DIR", help="after training, write the pictures of "
-                       "'fastcnn plot' and the history into folder DIR (needs matplotlib)")
-    train.set_defaults(func=cmd_train)
-
-    evaluate = sub.add_parser("evaluate", help="evaluate a saved model on a test set")
-    evaluate.add_argument("path", help="model file written by 'fastcnn train --save' (or a "
-                                       "checkpoint)")
-    _add_data_args(evaluate, "images per forward pass (default: 64)")
-    evaluate.set_defaults(func=cmd_evaluate, batch_size=64)
-
-    bench = sub.add_parser(
-        "bench", help="training and inference speed of each backend (and PyTorch, if installed)",
-        description="Train each backend (and PyTorch CPU, when installed) on the same model, "
-                    "batch, threads and data, interleaved in one run; report images/s, epoch "
-                    "time, peak memory, Numba's compile time and the ratios against PyTorch.")
-    bench.add_argument("--model", nargs="+", default=["simple"], choices=MODELS,
-                       help="models to measure (default: simple)")
-    bench.add_argument("--batch-size", nargs="+", type=_positive_int, default=[10],
-                       help="batch sizes to measure (default: 10)")
-    bench.add_argument("--backend", nargs="+", default=["numpy", "numba"],
-                       choices=BACKENDS,
-                       help="backends to measure (default: numpy numba; naive is opt-in: it "
-                            "runs one batch, which takes minutes on the complex model)")
-    bench.add_argument("--threads", type=_positive_int,
-                       help="threads for every engine, PyTorch included (default: all cores)")
-    bench.add_argument("--rounds", type=_positive_int, default=3,
-                       help="rounds of interleaved measurements; the median is reported "
-                            "(default: %(default)s)")
-    bench.add_argument("--seconds", type=_positive_float, default=2.0,
-                       help="about how long each engine trains (and infers) per round")
-    bench.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
-    bench.add_argument("--no-compile-time", action="store_true",
-                       help="skip timing Numba's cold and cached start (two extra processes)")
-    bench.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    bench.add_argument("--plot", metavar="PATH", help="write a PNG chart (needs matplotlib)")
-    bench.add_argument("--from-json", metavar="PATH",
-                       help="measure nothing: show the tables (and --plot the chart) of the "
-                            "results a --json run wrote")
-    bench.set_defaults(func=cmd_bench)
-
-    plot = sub.add_parser(
-        "plot", help="pictures of a trained model: learning curves, confusion matrix, ...",
-        description="Write PNGs of a saved model: its learning curves (from the history "
-                    "written beside it), the confusion matrix and misclassified images on the "
-                    "test set, the first convolution's filters and the feature maps of one test "
-                    "image. Needs matplotlib (pip install -e \".[plot]\").")
-    plot.add_argument("model", help="model file written by 'fastcnn train --save'")
-    plot.add_argument("--history", metavar="PATH", help="history JSON (default: the one beside "
-                                                        "the model, if any)")
-    plot.add_argument("--out", metavar="DIR", default="plots",
-                      help="folder for the PNGs (default: %(default)s)")
-    plot.add_argument("--image", type=int, default=0, metavar="INDEX",
-                      help="test image whose feature maps are drawn (default: %(default)s)")
-    plot.add_argument("--test-limit", type=_positive_int, help="use the first N test images")
-    _add_data_args(plot, None)
-    plot.set_defaults(func=cmd_plot)
-
-    predict = sub.add_parser(
-        "predict", help="the model's top classes for your own pictures (PNG, JPEG, ...)",
-        description="Read each picture (needs Pillow: pip install -e \".[image]\"), prepare it "
-                    "as the training images were made (digits: light ink on black, cropped to "
-                    "the ink, fitted in 20x20 and centred by centre of mass in 28x28) and print "
-                    "the most likely classes with their probabilities.")
-    predict.add_argument("model", help="model file written by 'fastcnn train --save'")
-    predict.add_argument("images", nargs="+", metavar="IMAGE", help="picture files")
-    predict.add_argument("--top", type=_positive_int, default=3,
-                         help="how many classes to show (default: %(default)s)")
-    predict.add_argument("--style", choices=PICTURE_STYLES,
-                         help="how to prepare the picture (default: from the dataset the model "
-                              "was trained on, per its history file; else digit)")
-    predict.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
-                         help="dark ink on light paper is inverted (default: %(default)s: "
-                              "decided from the picture's border)")
-    predict.add_argument("--classes", help="comma-separated class names (default: the "
-                                           "dataset's, per the history file; else 0, 1, ...)")
-    _add_compute_args(predict)
-    predict.set_defaults(func=cmd_predict)
-
-    info = sub.add_parser("info", help="version, backends, threads, CPU")
-    info.add_argument("--threads", type=_positive_int, help="show the effect of --threads N")
-    info.set_defaults(func=cmd_info)
+    for add in (_add_train_parser, _add_evaluate_parser, _add_bench_parser, _add_plot_parser,
+                _add_predict_parser, _add_info_parser):
+        add(sub)
     return parser
 
 
@@ -295,13 +152,14 @@ def _optimizer_and_schedule(args, batches_per_epoch):
 
 def _resume_run(args):
     """Take the run's settings from the checkpoint named by --resume."""
+    from .network import ConvNet
     from .training import load_checkpoint
 
     given = [f"--{k.replace('_', '-')}" for k in _RECIPE_FLAGS if getattr(args, k) is not None]
     if given or args.recipe != "seed" or args.dataset is not None:
         raise ValueError(f"--resume continues the saved run with its own data and recipe; "
                          f"leave out {', '.join(given) or '--recipe/--dataset'}")
-    net, state, _ = load_checkpoint(args.resume)
+    net, state, _ = load_checkpoint(ConvNet, args.resume)
     run = state.get("run")
     if not isinstance(run, dict) or set(_RUN_KEYS) - set(run):
         raise ValueError(f"{args.resume} was not written by 'fastcnn train --checkpoint'")
@@ -315,10 +173,80 @@ def _resume_run(args):
     return net, state
 
 
+def _add_training_args(train):
+    r = train.add_argument_group(
+        "recipe", "--recipe sets the defaults of the flags below (seed: simple model, plain SGD "
+                  "0.05, batch 10, 5 epochs; modern: BatchNorm model, AdamW 2e-3 with weight "
+                  "decay 1e-4, batch 64, 5 epochs, a warm-up over the first 3%% of the batches "
+                  "then a cosine decay); "
+                  "any flag given overrides its recipe's value")
+    r.add_argument("--recipe", default="seed", choices=RECIPE_NAMES,
+                   help="the defaults to start from (default: %(default)s)")
+    r.add_argument("--model", choices=MODELS,
+                   help="simple and complex: the seed's two CNNs; modern: complex with BatchNorm "
+                        "after every convolution and Dropout before the last layer")
+    r.add_argument("--epochs", type=_positive_int, help="passes over the training images")
+    r.add_argument("--optimizer", choices=OPTIMIZER_NAMES,
+                   help="sgd (plain, or with --momentum), adam, or adamw (decoupled weight decay)")
+    r.add_argument("--lr", type=_positive_float, help="learning rate (the schedule's peak)")
+    r.add_argument("--momentum", type=_fraction, help="SGD momentum in [0, 1)")
+    r.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
+    r.add_argument("--weight-decay", type=_checked(float, lambda v: v >= 0, ">= 0", "a number"),
+                   help="L2 weight decay (sgd, adam) or decoupled decay (adamw)")
+    r.add_argument("--schedule", choices=SCHEDULE_NAMES,
+                   help="learning-rate schedule: constant; step (times --gamma every "
+                        "--step-size epochs); cosine (down to 0 over the whole run, per batch)")
+    r.add_argument("--step-size", type=_positive_int, default=2,
+                   help="epochs between decays of --schedule step (default: %(default)s)")
+    r.add_argument("--gamma", type=_positive_float, default=0.1,
+                   help="decay factor of --schedule step (default: %(default)s)")
+    r.add_argument("--warmup", type=_checked(int, lambda v: v >= 0, ">= 0"),
+                   help="batches of linear warm-up from 0.1 x --lr before the schedule "
+                        "(default: the recipe's, 0 or 3%% of the run)")
+    c = train.add_argument_group("checkpoints")
+    c.add_argument("--checkpoint", metavar="PATH",
+                   help="write a checkpoint here after every epoch (and on Ctrl-C)")
+    c.add_argument("--resume", metavar="PATH",
+                   help="continue the run saved in this checkpoint: the same data and recipe, "
+                        "to --epochs in all (default: the run's own); it keeps checkpointing "
+                        "there unless --checkpoint says otherwise")
+    c.add_argument("--early-stopping", type=_positive_int, metavar="PATIENCE",
+                   help="stop when the validation loss has not improved for PATIENCE epochs, "
+                        "keeping the best weights")
+
+
+def _add_train_parser(subparsers):
+    train = subparsers.add_parser("train", help="train a model and report its test accuracy",
+                           description="Train a model, validate it every epoch and report its "
+                                       "test accuracy.")
+    _add_data_args(train, "images per training step (default: the recipe's, 10 or 64)")
+    _add_training_args(train)
+    train.add_argument("--seed", type=_seed, default=0,
+                       help="seed for weights, shuffling and dropout (default: %(default)s)")
+    train.add_argument("--limit", type=_positive_int, help="train on the first N training images")
+    train.add_argument("--test-limit", type=_positive_int,
+                       help="test on the first N test images (default: all; 200 on naive)")
+    train.add_argument("--val-fraction", type=_fraction, default=0.1,
+                       help="fraction of the training images held out for validation "
+                            "(default: %(default)s)")
+    train.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                       help="precision of parameters and activations (default: %(default)s)")
+    train.add_argument("--save", metavar="PATH", help="write the trained model (.npz) here, and "
+                                                      "its history beside it (.history.json, "
+                                                      ".history.csv)")
+    train.add_argument("--distributed", action="store_true",
+                       help="one of K processes started by 'mpirun -n K': each trains on its "
+                            "shard of every global batch of K x --batch-size images, gradients "
+                            "averaged before every step (needs the mpi extra)")
+    train.add_argument("--plot", metavar="DIR", help="after training, write the pictures of "
+                       "'fastcnn plot' and the history into folder DIR (needs matplotlib)")
+    train.set_defaults(func=cmd_train)
+
+
 def cmd_train(args):
     import time
 
-    from . import atomic, backend, datasets, history, models, plots, serialize, threads
+    from . import backend, models, threads
 
     resumed = state = None
     if args.resume:
@@ -326,26 +254,10 @@ def cmd_train(args):
     else:
         args.dataset = args.dataset or "mnist-sample"
         _fill_recipe(args)
-    for path in (args.save, args.checkpoint):  # now, not after the training
-        if path:
-            serialize.check_destination(path)
-    if args.save:
-        for path in history.paths_beside(args.save):
-            atomic.check_destination(path, "history")
-    if args.plot:
-        plots.check_available()
+    _check_train_outputs(args)
     _apply_compute_args(args)
     dp = _data_parallel(args)
-    (x, y), (x_test, y_test) = datasets.load(args.dataset, args.data_dir, raw=True)
-    (x_train, y_train), val = _split(x, y, args.limit, args.val_fraction)
-    if len(x_train) == 0:
-        raise ValueError(f"no training images left: --limit {args.limit} with --val-fraction "
-                         f"{args.val_fraction} holds them all out")
-    if args.early_stopping and val is None:
-        raise ValueError("--early-stopping watches the validation loss: --val-fraction must be "
-                         "above 0")
-    test_limit = args.test_limit or (200 if backend.get_backend() == "naive" else None)
-    x_test, y_test = x_test[:test_limit], y_test[:test_limit]
+    (x_train, y_train), val, (x_test, y_test) = _train_data(args)
     if resumed is not None:
         net, opt, schedule = resumed, None, None
         done = f" | resuming after epoch {state['epoch']}" + (
@@ -354,13 +266,13 @@ def cmd_train(args):
         net = models.build(args.model, dtype=args.dtype, seed=args.seed)
         opt, schedule = _optimizer_and_schedule(args, -(-len(x_train) // args.batch_size))
         done = ""
-    if args.plot and (dp is None or dp.is_root):
+    if args.plot and dp.is_root:
         _check_folder(args.plot)
     held_out = f", {len(val[0])} validation" if val else ""
     print(f"fastcnn {__version__} | backend {backend.get_backend()} | model {args.model} "
           f"({net.num_params():,} parameters, {args.dtype}) | {args.dataset}: "
           f"{len(x_train)} training{held_out}, {len(x_test)} test images{done}", flush=True)
-    if dp is not None:
+    if args.distributed:
         print(f"distributed: {dp.size} processes x {threads.get_num_threads()} threads, "
               f"global batch {dp.size} x {args.batch_size} = {dp.size * args.batch_size}",
               flush=True)
@@ -374,13 +286,54 @@ def cmd_train(args):
                      verbose=True, checkpoint=args.checkpoint, resume=args.resume,
                      early_stopping=args.early_stopping, run_info=run, distributed=dp)
     trained = time.perf_counter() - start
-    if dp is not None and not dp.is_root:
-        return 0  # rank 0 alone tests, saves and reports
+    if dp.is_root:  # rank 0 alone tests, saves and reports
+        _test_and_save(args, net, record, run, (x_test, y_test), trained, dp.size)
+    return 0
+
+
+def _check_train_outputs(args):
+    """Every path train will write is checked now, not after the training."""
+    from . import atomic, history, plots, serialize
+
+    for path in (args.save, args.checkpoint):
+        if path:
+            serialize.check_destination(path)
+    if args.save:
+        for path in history.paths_beside(args.save):
+            atomic.check_destination(path, "history")
+    if args.plot:
+        plots.check_available()
+
+
+def _train_data(args):
+    """(training, validation or None, test) pairs of images and labels, as the flags say."""
+    from . import backend, datasets
+
+    (x, y), (x_test, y_test) = datasets.load(args.dataset, args.data_dir, raw=True)
+    (x_train, y_train), val = _split(x, y, args.limit, args.val_fraction)
+    if len(x_train) == 0:
+        raise ValueError(f"no training images left: --limit {args.limit} with --val-fraction "
+                         f"{args.val_fraction} holds them all out")
+    if args.early_stopping and val is None:
+        raise ValueError("--early-stopping watches the validation loss: --val-fraction must be "
+                         "above 0")
+    test_limit = args.test_limit or (200 if backend.get_backend() == "naive" else None)
+    return (x_train, y_train), val, (x_test[:test_limit], y_test[:test_limit])
+
+
+def _test_and_save(args, net, record, run, test, trained, processes):
+    """After training: the test accuracy, the model and its history (--save), the pictures
+    (--plot)."""
+    from pathlib import Path
+
+    from . import backend, datasets, history, plots
+
+    x_test, y_test = test
     result = net.evaluate(x_test, y_test)
     config = {**run, **{k: getattr(args, k, None) for k in ("recipe", *_RECIPE_FLAGS)},
               "backend": backend.get_backend(), "resumed_from": args.resume,
               "test_accuracy": result["accuracy"], "test_loss": result["loss"],
-              "test_images": len(x_test), "processes": dp.size if dp else 1}
+              "test_images": len(x_test), "processes": processes}
     if args.save:
         net.save(args.save)
         json_path, csv_path = history.paths_beside(args.save)
@@ -389,21 +342,19 @@ def cmd_train(args):
     print(f"test accuracy {result['accuracy']:.2%} (loss {result['loss']:.4f}, "
           f"{len(x_test)} images) after {trained:.1f} s of training")
     if args.plot:
-        from pathlib import Path
-
         folder = Path(args.plot)
         history.save(record, folder / "history.json", folder / "history.csv", config)
         written = plots.save_all(net, x_test, y_test, folder, history=record,
                                  class_names=datasets.class_names(args.dataset))
         print(f"wrote {len(written)} pictures and the history to {folder}/: "
               + ", ".join(p.name for p in written))
-    return 0
 
 
 def _data_parallel(args):
     """--distributed: this process's DataParallel (threads: this machine's cores shared among
-    its ranks, unless --threads; rank > 0 prints nothing on stdout). Without it, a launch by
-    mpirun of several processes is an error: each would train the whole model alone."""
+    its ranks, unless --threads; rank > 0 prints nothing on stdout); else a SingleProcess.
+    Without it, a launch by mpirun of several processes is an error: each would train the
+    whole model alone."""
     from . import distributed, threads
 
     if not args.distributed:
@@ -418,7 +369,7 @@ def _data_parallel(args):
             raise ValueError(f"this is one of {k} processes started by an MPI launcher: add "
                              "--distributed to train one model together (without it, each "
                              "would train its own)")
-        return None
+        return distributed.SingleProcess()
     dp = distributed.DataParallel()
     if not args.threads:
         threads.set_num_threads(dp.threads())
@@ -453,6 +404,25 @@ def _history_beside(model_path, explicit=None):
     return history.load(path)
 
 
+def _add_plot_parser(subparsers):
+    plot = subparsers.add_parser(
+        "plot", help="pictures of a trained model: learning curves, confusion matrix, ...",
+        description="Write PNGs of a saved model: its learning curves (from the history "
+                    "written beside it), the confusion matrix and misclassified images on the "
+                    "test set, the first convolution's filters and the feature maps of one test "
+                    "image. Needs matplotlib (pip install -e \".[plot]\").")
+    plot.add_argument("model", help="model file written by 'fastcnn train --save'")
+    plot.add_argument("--history", metavar="PATH", help="history JSON (default: the one beside "
+                                                        "the model, if any)")
+    plot.add_argument("--out", metavar="DIR", default="plots",
+                      help="folder for the PNGs (default: %(default)s)")
+    plot.add_argument("--image", type=int, default=0, metavar="INDEX",
+                      help="test image whose feature maps are drawn (default: %(default)s)")
+    plot.add_argument("--test-limit", type=_positive_int, help="use the first N test images")
+    _add_data_args(plot, None)
+    plot.set_defaults(func=cmd_plot)
+
+
 def cmd_plot(args):
     from . import datasets, plots
     from .network import ConvNet
@@ -474,6 +444,29 @@ def cmd_plot(args):
     for path in written:
         print(path)
     return 0
+
+
+def _add_predict_parser(subparsers):
+    predict = subparsers.add_parser(
+        "predict", help="the model's top classes for your own pictures (PNG, JPEG, ...)",
+        description="Read each picture (needs Pillow: pip install -e \".[image]\"), prepare it "
+                    "as the training images were made (digits: light ink on black, cropped to "
+                    "the ink, fitted in 20x20 and centred by centre of mass in 28x28) and print "
+                    "the most likely classes with their probabilities.")
+    predict.add_argument("model", help="model file written by 'fastcnn train --save'")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="picture files")
+    predict.add_argument("--top", type=_positive_int, default=3,
+                         help="how many classes to show (default: %(default)s)")
+    predict.add_argument("--style", choices=PICTURE_STYLES,
+                         help="how to prepare the picture (default: from the dataset the model "
+                              "was trained on, per its history file; else digit)")
+    predict.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
+                         help="dark ink on light paper is inverted (default: %(default)s: "
+                              "decided from the picture's border)")
+    predict.add_argument("--classes", help="comma-separated class names (default: the "
+                                           "dataset's, per the history file; else 0, 1, ...)")
+    _add_compute_args(predict)
+    predict.set_defaults(func=cmd_predict)
 
 
 def cmd_predict(args):
@@ -501,6 +494,14 @@ def cmd_predict(args):
     return 0
 
 
+def _add_evaluate_parser(subparsers):
+    evaluate = subparsers.add_parser("evaluate", help="evaluate a saved model on a test set")
+    evaluate.add_argument("path", help="model file written by 'fastcnn train --save' (or a "
+                                       "checkpoint)")
+    _add_data_args(evaluate, "images per forward pass (default: 64)")
+    evaluate.set_defaults(func=cmd_evaluate, batch_size=64)
+
+
 def cmd_evaluate(args):
     from . import backend, datasets
     from .network import ConvNet
@@ -514,6 +515,38 @@ def cmd_evaluate(args):
           f"{backend.get_backend()}): accuracy {result['accuracy']:.2%}, "
           f"loss {result['loss']:.4f}")
     return 0
+
+
+def _add_bench_parser(subparsers):
+    bench = subparsers.add_parser(
+        "bench", help="training and inference speed of each backend (and PyTorch, if installed)",
+        description="Train each backend (and PyTorch CPU, when installed) on the same model, "
+                    "batch, threads and data, interleaved in one run; report images/s, epoch "
+                    "time, peak memory, Numba's compile time and the ratios against PyTorch.")
+    bench.add_argument("--model", nargs="+", default=["simple"], choices=MODELS,
+                       help="models to measure (default: simple)")
+    bench.add_argument("--batch-size", nargs="+", type=_positive_int, default=[10],
+                       help="batch sizes to measure (default: 10)")
+    bench.add_argument("--backend", nargs="+", default=["numpy", "numba"],
+                       choices=BACKENDS,
+                       help="backends to measure (default: numpy numba; naive is opt-in: it "
+                            "runs one batch, which takes minutes on the complex model)")
+    bench.add_argument("--threads", type=_positive_int,
+                       help="threads for every engine, PyTorch included (default: all cores)")
+    bench.add_argument("--rounds", type=_positive_int, default=3,
+                       help="rounds of interleaved measurements; the median is reported "
+                            "(default: %(default)s)")
+    bench.add_argument("--seconds", type=_positive_float, default=2.0,
+                       help="about how long each engine trains (and infers) per round")
+    bench.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
+    bench.add_argument("--no-compile-time", action="store_true",
+                       help="skip timing Numba's cold and cached start (two extra processes)")
+    bench.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    bench.add_argument("--plot", metavar="PATH", help="write a PNG chart (needs matplotlib)")
+    bench.add_argument("--from-json", metavar="PATH",
+                       help="measure nothing: show the tables (and --plot the chart) of the "
+                            "results a --json run wrote")
+    bench.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args):
@@ -572,6 +605,12 @@ def _cpu_model():
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _add_info_parser(subparsers):
+    info = subparsers.add_parser("info", help="version, backends, threads, CPU")
+    info.add_argument("--threads", type=_positive_int, help="show the effect of --threads N")
+    info.set_defaults(func=cmd_info)
 
 
 def cmd_info(args):

@@ -154,6 +154,19 @@ class DataParallel:
         self.comm.Allreduce(self.MPI.IN_PLACE, out, op=self.MPI.SUM)
         return out
 
+    def combine(self, means, count, sums=()):
+        """``(means, sums)`` over the whole job, in one collective: ``means`` (this rank's
+        averages over its ``count`` items) averaged with each rank's weight its count, ``sums``
+        added up."""
+        total = self.sum([*(m * count for m in means), count, *sums])
+        k = len(means)
+        return [float(t / total[k]) if total[k] else 0.0 for t in total[:k]], total[k + 1:]
+
+    def part(self, n):
+        """This rank's contiguous share of n items, as a slice (``shard`` of range(n))."""
+        bounds = np.cumsum([0] + [len(p) for p in np.array_split(np.arange(n), self.size)])
+        return slice(int(bounds[self.rank]), int(bounds[self.rank + 1]))
+
     def end_job(self, error):
         """After ``error`` on this rank: one message, then every rank of the job ends (MPI_Abort)
         instead of waiting forever in the next allreduce. Errors every rank meets alike (bad
@@ -170,6 +183,35 @@ class DataParallel:
         self.comm.Abort(1)
 
 
+class SingleProcess:
+    """The trainer's stand-in for a ``DataParallel`` of one process, so that one training loop
+    serves one process and many: the shard is the whole batch, sums and means are their input,
+    broadcasts and the gradients' allreduce do nothing."""
+
+    rank, size, local_size, is_root = 0, 1, 1, True
+
+    def shared_seed(self, seed):
+        return seed
+
+    def shard(self, idx):
+        return idx
+
+    def part(self, n):
+        return slice(0, n)
+
+    def broadcast_parameters(self, net):
+        pass
+
+    def broadcast_buffers(self, net):
+        pass
+
+    def allreduce_gradients(self, net, weight):
+        pass
+
+    def combine(self, means, count, sums=()):
+        return list(means), list(sums)
+
+
 _current: list = []  # the DataParallel of this process, once made
 
 
@@ -179,12 +221,13 @@ def current():
 
 
 def resolve(distributed):
-    """``fit``'s ``distributed`` argument: None/False, True (MPI's world) or a DataParallel."""
+    """``fit``'s ``distributed`` argument: None/False (a ``SingleProcess``), True (MPI's world)
+    or a DataParallel."""
     if distributed is None or distributed is False:
-        return None
+        return SingleProcess()
     if distributed is True:
         return DataParallel()
-    if isinstance(distributed, DataParallel):
+    if isinstance(distributed, DataParallel | SingleProcess):
         return distributed
     raise TypeError(f"distributed must be True, False or a fastcnn.distributed.DataParallel, got "
                     f"{type(distributed).__name__}")

@@ -103,7 +103,7 @@ class Conv2D(Layer):
 
     @classmethod
     def param_specs(cls, in_channels, out_channels, kernel_size, stride=1, padding="same",
-                    dtype=np.float32, rng=None):
+                    dtype=np.float32):
         f = _contract.check_int("out_channels", out_channels, 1)
         c = _contract.check_int("in_channels", in_channels, 1)
         kh, kw = _contract.pair("kernel_size", kernel_size)
@@ -124,7 +124,7 @@ class Conv2D(Layer):
     def forward(self, x):
         self._x, self._saved = x, None  # _saved: (kernel module, what its forward kept)
         k, w, b = kernels(), self.params["weight"], self.params["bias"]
-        if self.training and hasattr(k, "conv2d_forward_saving"):  # numba: x laid out once
+        if self.training and _contract.has(k, "conv2d_saved_layout"):  # x laid out once
             y, kept = k.conv2d_forward_saving(x, w, b, self.stride, self.pad)
             self._saved = (k, kept)
             return y
@@ -132,7 +132,7 @@ class Conv2D(Layer):
 
     def backward(self, dy, need_dx=True):
         k = kernels()
-        if hasattr(k, "conv2d_backward"):
+        if _contract.has(k, "conv2d_saved_layout"):
             by, saved = self._saved or (None, None)
             self._saved = None  # one backward pass per forward: free it
             saved = saved if by is k else None  # (the backend changed in between: not ours)
@@ -222,7 +222,7 @@ class Dense(Layer):
         self.params["bias"] = np.zeros(*specs["bias"])
 
     @classmethod
-    def param_specs(cls, in_features, out_features, dtype=np.float32, rng=None):
+    def param_specs(cls, in_features, out_features, dtype=np.float32):
         n_in = _contract.check_int("in_features", in_features, 1)
         n_out = _contract.check_int("out_features", out_features, 1)
         dtype = _float_dtype(dtype)
@@ -259,10 +259,7 @@ class Dropout(Layer):
 
     def __init__(self, p=0.5, rng=None):
         super().__init__()
-        if isinstance(p, (bool, np.bool_)) or not isinstance(p, (int, float, np.floating)) or \
-                not 0 <= p < 1:
-            raise ValueError(f"p must be a probability in [0, 1), got {p!r}")
-        self.p = float(p)
+        self.p = _contract.check_scalar("p", p, 0.0, 1.0)  # the probability of a drop
         self.rng = _rng(rng)
 
     def forward(self, x):
@@ -306,11 +303,8 @@ class _BatchNorm(Layer):
     @classmethod
     def param_specs(cls, channels, eps=1e-5, momentum=0.1, dtype=np.float32):
         c = _contract.check_int("channels", channels, 1)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
-            raise ValueError(f"eps must be in (0, 1), got {eps!r}")
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or \
-                not 0 <= momentum <= 1:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+        _contract.check_scalar("eps", eps, below=1.0, positive=True)
+        _contract.check_scalar("momentum", momentum, 0.0, maximum=1.0)
         dtype = _float_dtype(dtype)
         return {"weight": ((c,), dtype), "bias": ((c,), dtype)}
 

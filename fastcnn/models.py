@@ -1,4 +1,5 @@
-"""The seed's two architectures, for 1x28x28 images and 10 classes."""
+"""The built-in models for 1x28x28 images and 10 classes (the seed's simple and complex CNNs, and
+the modern one with BatchNorm and Dropout) and the training recipes that go with them."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ import numpy as np
 
 from .layers import BatchNorm2D, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
 from .network import ConvNet
-
-MODELS = ("simple", "complex", "modern")
 
 
 def simple_cnn(dtype=np.float32, seed=0):
@@ -72,9 +71,12 @@ RECIPES = {
 }
 
 
+BUILDERS = {"simple": simple_cnn, "complex": complex_cnn, "modern": modern_cnn}
+MODELS = tuple(BUILDERS)
+
+
 def build(name, dtype=np.float32, seed=0):
-    """``"simple"``, ``"complex"`` or ``"modern"`` -> a fresh ConvNet."""
-    builders = {"simple": simple_cnn, "complex": complex_cnn, "modern": modern_cnn}
-    if name not in builders:
+    """A fresh ConvNet of a model named in ``MODELS`` ("simple", "complex", "modern")."""
+    if name not in BUILDERS:
         raise ValueError(f"Unknown model {name!r}. Expected one of {MODELS}.")
-    return builders[name](dtype, seed)
+    return BUILDERS[name](dtype, seed)

@@ -1,7 +1,10 @@
-"""ConvNet: a stack of layers, its training loop and its evaluation.
+"""ConvNet: a stack of layers with its forward and backward passes, one training step,
+prediction, evaluation and model files.
 
 One training step is split into seams so later features slot in without touching the kernels:
-forward -> loss -> backward -> gradient hook -> optimizer step (see ``train_step``).
+forward -> loss -> backward -> gradient hook -> optimizer step (see ``train_step``). The loop
+over epochs and batches that ``fit`` runs is ``fastcnn.training``'s; it uses only this class's
+public methods, and nothing here imports more than its entry point.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import numpy as np
 from . import serialize
 from .kernels import _contract
 from .layers import Layer, MaxPool2D, ReLU, SoftmaxCrossEntropy
-from .training import TrainingDiverged, fit_network, pixel_note  # noqa: F401 (re-exported)
+from .training import fit_network, pixel_note
 
 
 class ConvNet:
@@ -112,8 +115,9 @@ class ConvNet:
         return any(layer.training for layer in self.layers)
 
     @contextlib.contextmanager
-    def _mode(self, training):
-        """Run a block in a mode and put every layer back as it was."""
+    def mode(self, training):
+        """``with net.mode(False): ...`` runs a block in inference (or training) mode and puts
+        every layer back as it was."""
         before = [layer.training for layer in self.layers]
         self.train(training)
         try:
@@ -189,7 +193,7 @@ class ConvNet:
 
     # -- data ---------------------------------------------------------------------------------
 
-    def _check_images(self, x, what="x"):
+    def check_images(self, x, what="x"):
         """The one rule for images everywhere (fit, evaluate, predict): uint8 pixels are scaled
         by 1/255, float images are used as given and must be finite; anything else is refused."""
         self._check_input(x)
@@ -205,8 +209,12 @@ class ConvNet:
                 raise ValueError(f"{what}: {len(bad)} of {len(x)} images hold NaN or infinite "
                                  f"values (at index {shown}); fix or drop them")
 
-    def _batch(self, x, idx, out):
-        """x[idx] as the network's dtype; uint8 images are scaled to [0, 1]."""
+    def prepare_batch(self, x, idx, out=None):
+        """x[idx] in the network's dtype, uint8 images scaled to [0, 1]: what ``train_step``
+        and ``forward`` take. ``out``: a buffer of at least len(idx) images to fill (the loop
+        reuses one), else a new array."""
+        if out is None:
+            out = np.empty((len(idx),) + x.shape[1:], self.dtype)
         out = out[: len(idx)]
         if x.dtype == np.uint8:
             np.multiply(x[idx], out.dtype.type(1 / 255), out=out)
@@ -214,8 +222,11 @@ class ConvNet:
             np.copyto(out, x[idx], casting="same_kind")
         return out
 
-    def _check_data(self, x, y, what="x, y"):
-        self._check_images(x, what)
+    def check_data(self, x, y, what="x, y"):
+        """Images as ``check_images`` wants them and 1-D integer labels in [0, K), as many as
+        images; anything else is a TypeError or ValueError saying what (``what`` names the
+        pair in the message)."""
+        self.check_images(x, what)
         if not isinstance(y, np.ndarray) or y.ndim != 1 or y.dtype.kind not in "iu":
             got = (f"{y.dtype} {y.shape}" if isinstance(y, np.ndarray)
                    else type(y).__name__)
@@ -234,7 +245,7 @@ class ConvNet:
         buf = np.empty((min(batch_size, n),) + x.shape[1:], self.dtype)
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
-            yield idx, self._batch(x, idx, buf)
+            yield idx, self.prepare_batch(x, idx, buf)
 
     # -- training and evaluation --------------------------------------------------------------
 
@@ -279,11 +290,11 @@ class ConvNet:
     def predict_proba(self, x, batch_size=64):
         """Class probabilities (N, K) for images x: uint8 (scaled by 1/255) or finite floats."""
         batch_size = _contract.check_int("batch_size", batch_size, 1)
-        self._check_images(x)
-        self._check_parameters()
+        self.check_images(x)
+        self.check_parameters()
         k = self.num_classes()
         out = [np.empty((0, k), self.dtype)]
-        with self._mode(False):
+        with self.mode(False):
             for idx, xb in self._batches(x, batch_size):
                 logits = self._finite_logits(xb, idx)
                 e = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -297,13 +308,10 @@ class ConvNet:
     def evaluate(self, x, y, batch_size=64):
         """{"loss": mean cross-entropy, "accuracy": fraction correct} on images x, labels y."""
         batch_size = _contract.check_int("batch_size", batch_size, 1)
-        self._check_data(x, y)
-        self._check_parameters()
-        return self._evaluate(x, y, batch_size)
-
-    def _evaluate(self, x, y, batch_size):
+        self.check_data(x, y)
+        self.check_parameters()
         total_loss = correct = 0.0
-        with self._mode(False):
+        with self.mode(False):
             for idx, xb in self._batches(x, batch_size):
                 logits = self._finite_logits(xb, idx)
                 total_loss += self.loss.forward(logits, y[idx]) * len(idx)
@@ -323,7 +331,7 @@ class ConvNet:
                 f"{pixel_note(xb)}")
         return logits
 
-    def _nonfinite_parameters(self):
+    def nonfinite_parameter(self):
         """'layer i (Type) key' for the first parameter or buffer holding NaN or inf, else
         None."""
         for i, layer in enumerate(self.layers):
@@ -332,8 +340,9 @@ class ConvNet:
                     return f"layer {i} ({type(layer).__name__}) {key}"
         return None
 
-    def _check_parameters(self):
-        bad = self._nonfinite_parameters()
+    def check_parameters(self):
+        """A ValueError naming the first parameter or buffer that holds NaN or inf."""
+        bad = self.nonfinite_parameter()
         if bad:
             raise ValueError(f"the model's {bad} holds NaN or infinite values")
 

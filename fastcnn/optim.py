@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from .backend import kernels
-from .kernels._contract import check_scalar
+from .kernels._contract import check_int, check_scalar
 
 
 class Optimizer:
@@ -191,10 +191,7 @@ class StepDecay(Schedule):
 
     def __init__(self, step_size, gamma=0.1, per="epoch"):
         super().__init__(per)
-        if isinstance(step_size, bool) or not isinstance(step_size, (int, np.integer)) or \
-                step_size < 1:
-            raise ValueError(f"step_size must be an int >= 1, got {step_size!r}")
-        self.step_size = int(step_size)
+        self.step_size = check_int("step_size", step_size, 1)
         self.gamma = check_scalar("gamma", gamma, positive=True)
 
     def factor(self, t):
@@ -211,9 +208,7 @@ class Cosine(Schedule):
 
     def __init__(self, total, min_factor=0.0, per="epoch"):
         super().__init__(per)
-        if isinstance(total, bool) or not isinstance(total, (int, np.integer)) or total < 1:
-            raise ValueError(f"total must be an int >= 1, got {total!r}")
-        self.total = int(total)
+        self.total = check_int("total", total, 1)
         self.min_factor = check_scalar("min_factor", min_factor, 0.0)
 
     def factor(self, t):
@@ -230,9 +225,7 @@ class LinearWarmup(Schedule):
 
     def __init__(self, steps, start_factor=0.1, per="batch"):
         super().__init__(per)
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-        self.steps = int(steps)
+        self.steps = check_int("steps", steps, 1)
         self.start_factor = check_scalar("start_factor", start_factor, positive=True)
 
     def factor(self, t):

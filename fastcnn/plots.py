@@ -194,11 +194,11 @@ def feature_maps(net, image, path=None, per_layer=8, label=None):
     if x.ndim == 2:
         x = x[None]
     x = x[None]
-    net._check_images(x)
+    net.check_images(x)
     x = x.astype(net.dtype) / 255 if x.dtype == np.uint8 else x.astype(net.dtype)
     convs = _conv_layers(net)
     outputs = []
-    with net._mode(False):
+    with net.mode(False):
         for i, layer in enumerate(net.layers):
             x = layer.forward(x)
             after_conv = i in dict(convs) and not (

@@ -22,7 +22,9 @@ import zlib
 import numpy as np
 
 from . import atomic, backend, serialize, threads
+from .distributed import SingleProcess, resolve
 from .kernels import _contract
+from .layers import Dropout
 from .optim import SGD, Optimizer, Schedule, optimizer_from_record, schedule_from_config
 
 # Divergence: a loss that grows past DIVERGENCE_FACTOR times where it started (at least chance
@@ -196,7 +198,8 @@ class Trainer:
 
     def __init__(self, net, x, y, epochs, batch_size, optimizer, schedule, validation_data,
                  shuffle, seed, early_stopping, run_info=None, dp=None):
-        self.net, self.x, self.y, self.dp = net, x, y, dp
+        self.net, self.x, self.y = net, x, y
+        self.dp = SingleProcess() if dp is None else dp  # one loop for one process and many
         self.epochs, self.batch_size = epochs, batch_size
         self.optimizer, self.schedule = optimizer, schedule
         self.validation_data, self.shuffle = validation_data, shuffle
@@ -216,76 +219,22 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self, verbose, checkpoint):
-        net, x, y, dp = self.net, self.x, self.y, self.dp
-        n = len(x)
-        per_step = self.batch_size * (dp.size if dp else 1)  # the global batch
-        batches = -(-n // per_step)
-        buf = np.empty((min(self.batch_size, n),) + x.shape[1:], net.dtype)
+        net, dp = self.net, self.dp
         # numba only: its kernels give the same numbers on any thread count; OpenBLAS's (the
-        # numpy backend) do not, and a tuned count would make runs differ with the timing
+        # numpy backend) do not, and a tuned count would make runs differ with the timing. One
+        # process alone: ranks that tuned each for itself would wait for each other.
         numba = backend.get_backend() == "numba"
-        self.tuner = threads.Tuner(enabled=numba and dp is None)
-        notice_at = self.steps if numba and verbose else None  # this run's first step compiles
-        writes = dp is None or dp.is_root  # checkpoints: rank 0 alone
+        self.tuner = threads.Tuner(enabled=numba and dp.size == 1)
+        self.compile_step = self.steps if numba and verbose else None  # this run's first
+        buf = np.empty((min(self.batch_size, len(self.x)),) + self.x.shape[1:], net.dtype)
         hook = net.gradient_hook
-        averaging = _Averaging(dp, hook) if dp else None
-        with _Interrupts(checkpoint is not None) as interrupts, self.tuner:
-            while self.epoch < self.epochs and not self.stopped_early:
-                epoch = self.epoch + 1
-                if self.order is None:  # a new epoch (a resumed one keeps its saved order)
-                    self.order = self.rng.permutation(n) if self.shuffle else np.arange(n)
-                    self.partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-                bar = _progress(n, f"epoch {epoch}/{self.epochs}", verbose)
-                bar.update(self.partial["seen"])
-                start = time.perf_counter()
-                net.train()
-                stop = False  # distributed: a Ctrl-C on any rank, as of the last step
-                try:
-                    for b in range(self.batch, batches):
-                        if (stop if dp else interrupts.requested):
-                            self.partial["seconds"] += time.perf_counter() - start
-                            self._interrupted(checkpoint if writes else None)
-                        every = self.order[b * per_step : (b + 1) * per_step]
-                        idx = dp.shard(every) if dp else every
-                        xb = net._batch(x, idx, buf)
-                        yb = y[idx]
-                        if self.schedule is not None:
-                            at = self.epoch if self.schedule.per == "epoch" else self.steps
-                            self.optimizer.lr = self.optimizer.base_lr * self.schedule.factor(at)
-                        if b == 0:
-                            self.history["lr"].append(self.optimizer.lr)
-                        if dp:
-                            averaging.share = len(idx) / len(every)
-                            net.gradient_hook = averaging
-                        self.tuner.start()
-                        with _compile_notice(self.steps == notice_at):
-                            if len(idx):
-                                loss, logits = net.train_step(xb, yb, self.optimizer)
-                            else:  # distributed: a short last batch left this rank nothing
-                                loss, logits = self._empty_step()
-                        self.tuner.stop(len(idx))
-                        correct = int(np.count_nonzero(logits.argmax(axis=1) == yb))
-                        if dp:  # the global batch's loss and accuracy, and any rank's Ctrl-C
-                            total = dp.sum([loss * len(idx), correct, interrupts.requested])
-                            loss, correct, stop = total[0] / len(every), int(total[1]), total[2] > 0
-                        self.watch.check(loss, epoch, b + 1, xb)
-                        self.history["batch_loss"].append(float(loss))
-                        self.steps += 1
-                        self.batch = b + 1
-                        p = self.partial
-                        p["loss"] += loss * len(every)
-                        p["correct"] += correct
-                        p["seen"] += len(every)
-                        bar.update(len(every))
-                        if b % 20 == 0:
-                            bar.set_postfix(loss=f"{p['loss'] / p['seen']:.4f}", refresh=False)
-                finally:
-                    bar.close()
-                    net.gradient_hook = hook
-                self.partial["seconds"] += time.perf_counter() - start
-                self._end_epoch(epoch, verbose)
-                if checkpoint is not None and writes:
-                    self.save(checkpoint)
+        self.averaging = net.gradient_hook = _Averaging(dp, hook)
+        try:
+            with _Interrupts(checkpoint is not None) as interrupts, self.tuner:
+                while self.epoch < self.epochs and not self.stopped_early:
+                    self._epoch(interrupts, buf, verbose, checkpoint)
+        finally:
+            net.gradient_hook = hook
         if self.best is not None and self.best["epoch"] != self.epoch:
             for name, a in _named_arrays(net):
                 a[...] = self.best["arrays"][name]
@@ -296,9 +245,75 @@ class Trainer:
             history["stopped_epoch"] = self.epoch if self.stopped_early else None
         return history
 
+    def _epoch(self, interrupts, buf, verbose, checkpoint):
+        """The rest of the epoch under way (all of a new one), then its end: validation, early
+        stopping, the epoch line, the checkpoint (rank 0 writes it)."""
+        n, dp = len(self.x), self.dp
+        per_step = self.batch_size * dp.size  # the global batch
+        epoch = self.epoch + 1
+        if self.order is None:  # a new epoch (a resumed one keeps its saved order)
+            self.order = self.rng.permutation(n) if self.shuffle else np.arange(n)
+            self.partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+        bar = _progress(n, f"epoch {epoch}/{self.epochs}", verbose)
+        bar.update(self.partial["seen"])
+        start = time.perf_counter()
+        self.net.train()
+        # a Ctrl-C on any rank, agreed at the epoch's start and then with every step's totals,
+        # so that every rank stops at the same batch boundary
+        _, (stop,) = dp.combine([], 0, [interrupts.requested])
+        try:
+            for b in range(self.batch, -(-n // per_step)):
+                if stop:
+                    self.partial["seconds"] += time.perf_counter() - start
+                    self._interrupted(checkpoint if dp.is_root else None)
+                stop = self._step(b, self.order[b * per_step : (b + 1) * per_step], buf,
+                                  interrupts)
+                bar.update(len(self.order[b * per_step : (b + 1) * per_step]))
+                if b % 20 == 0:
+                    p = self.partial
+                    bar.set_postfix(loss=f"{p['loss'] / p['seen']:.4f}", refresh=False)
+        finally:
+            bar.close()
+        self.partial["seconds"] += time.perf_counter() - start
+        self._end_epoch(epoch, verbose)
+        if checkpoint is not None and dp.is_root:
+            self.save(checkpoint)
+
+    def _step(self, b, every, buf, interrupts):
+        """Global batch ``b`` (indices ``every``): this process's shard of it through one
+        training step, then the whole batch's loss and accuracy, and whether any process has
+        been interrupted by now (returned), agreed in one collective."""
+        net, dp, p = self.net, self.dp, self.partial
+        idx = dp.shard(every)
+        xb = net.prepare_batch(self.x, idx, buf)
+        yb = self.y[idx]
+        if self.schedule is not None:
+            at = self.epoch if self.schedule.per == "epoch" else self.steps
+            self.optimizer.lr = self.optimizer.base_lr * self.schedule.factor(at)
+        if b == 0:
+            self.history["lr"].append(self.optimizer.lr)
+        self.averaging.share = len(idx) / len(every)
+        self.tuner.start()
+        with _compile_notice(self.steps == self.compile_step):
+            if len(idx):
+                loss, logits = net.train_step(xb, yb, self.optimizer)
+            else:  # distributed: a short last batch left this rank nothing
+                loss, logits = self._empty_step()
+        self.tuner.stop(len(idx))
+        correct = int(np.count_nonzero(logits.argmax(axis=1) == yb))
+        (loss,), (correct, stop) = dp.combine([loss], len(idx), [correct, interrupts.requested])
+        self.watch.check(loss, self.epoch + 1, b + 1, xb)
+        self.history["batch_loss"].append(float(loss))
+        self.steps += 1
+        self.batch = b + 1
+        p["loss"] += loss * len(every)
+        p["correct"] += int(correct)
+        p["seen"] += len(every)
+        return stop > 0
+
     def _end_epoch(self, epoch, verbose):
         net, h, p = self.net, self.history, self.partial
-        bad = net._nonfinite_parameters()
+        bad = net.nonfinite_parameter()
         if bad:  # the last step of the epoch may have blown up after its loss was taken
             raise TrainingDiverged(
                 f"training diverged at the end of epoch {epoch}: the parameters of {bad} are "
@@ -309,8 +324,7 @@ class Trainer:
         h["images_per_second"].append(p["seen"] / max(p["seconds"], 1e-9))
         h["threads"].append(self.tuner.most_used())
         net.eval()
-        if self.dp:  # BatchNorm's running statistics: rank 0's, everywhere
-            self.dp.broadcast_buffers(net)
+        self.dp.broadcast_buffers(net)  # BatchNorm's running statistics: rank 0's, everywhere
         if self.validation_data is not None:
             val = self._validate()
             h["val_loss"].append(val["loss"])
@@ -345,17 +359,15 @@ class Trainer:
         return 0.0, np.zeros((0, self.net.num_classes()), self.net.dtype)
 
     def _validate(self):
-        """The validation loss and accuracy; distributed, each rank evaluates its shard."""
+        """The validation loss and accuracy; distributed, each rank evaluates its part."""
         xv, yv = self.validation_data
-        if self.dp is None:
-            return self.net._evaluate(xv, yv, batch_size=64)
-        part = self.dp.shard(np.arange(len(xv)))
-        sums = [0.0, 0.0]
-        if len(part):
-            own = self.net._evaluate(xv[part], yv[part], batch_size=64)
-            sums = [own["loss"] * len(part), own["accuracy"] * len(part)]
-        loss, correct = self.dp.sum(sums)
-        return {"loss": float(loss / len(xv)), "accuracy": float(correct / len(xv))}
+        part = self.dp.part(len(xv))
+        mine = [0.0, 0.0]
+        if part.stop > part.start:
+            result = self.net.evaluate(xv[part], yv[part], batch_size=64)
+            mine = [result["loss"], result["accuracy"]]
+        (loss, accuracy), _ = self.dp.combine(mine, part.stop - part.start)
+        return {"loss": loss, "accuracy": accuracy}
 
     def _interrupted(self, checkpoint):
         if checkpoint is None:  # distributed: rank 0 writes it
@@ -385,7 +397,7 @@ class Trainer:
             "best": None if self.best is None else {"loss": self.best["loss"],
                                                    "epoch": self.best["epoch"]},
             "data": _fingerprint(self.x, self.y), "run": self.run_info,
-            "processes": self.dp.size if self.dp else 1,  # batches count K x batch_size images
+            "processes": self.dp.size,  # batches count K x batch_size images
         }
         arrays = serialize.model_arrays(net, {"checkpoint": state})
         arrays.update({f"optimizer.{k}": a for k, a in opt_arrays.items()})
@@ -405,10 +417,9 @@ class Trainer:
         if state["batch_size"] != self.batch_size or state["shuffle"] != self.shuffle:
             raise ValueError(f"{path} was written with batch_size={state['batch_size']}, "
                              f"shuffle={state['shuffle']}; resume with the same")
-        processes = self.dp.size if self.dp else 1
-        if state.get("processes", 1) != processes:
+        if state.get("processes", 1) != self.dp.size:
             raise ValueError(f"{path} was written by a run of {state.get('processes', 1)} "
-                             f"processes; resume it with as many (this is {processes})")
+                             f"processes; resume it with as many (this is {self.dp.size})")
         self.optimizer.load_state_dict(state["optimizer"],
                                        {k[len("optimizer."):]: a for k, a in arrays.items()
                                         if k.startswith("optimizer.")})
@@ -432,11 +443,11 @@ def _named_arrays(net):
     yield from net.buffers()
 
 
-def load_checkpoint(path):
+def load_checkpoint(cls, path):
     """(network, state, arrays) from a checkpoint written by ``fit(checkpoint=...)``: the
-    network with its weights and buffers, the "checkpoint" record, and the optimizer, order
-    and best-weights arrays. Every problem is a ValueError naming the file."""
-    from .network import ConvNet
+    network (a ``cls``, as ``cls.load`` makes it) with its weights and buffers, the
+    "checkpoint" record, and the optimizer, order and best-weights arrays. Every problem is a
+    ValueError naming the file."""
 
     def read(z, arch, members):
         state = arch.get("checkpoint")
@@ -451,38 +462,25 @@ def load_checkpoint(path):
                 arrays[key] = np.lib.format.read_array(f, allow_pickle=False)
         return state, arrays
 
-    net, (state, arrays) = serialize.load(ConvNet, path, extra=read)
+    net, (state, arrays) = serialize.load(cls, path, extra=read)
     return net, state, arrays
 
 
-def fit_network(net, x, y, epochs, batch_size, lr, validation_data, shuffle, seed, verbose,
-                optimizer, schedule, checkpoint, resume, early_stopping, run_info=None,
-                distributed=None):
-    """``ConvNet.fit`` (see its docstring)."""
-    from . import distributed as dist
+def _resume_into(net, resume):
+    """(state, arrays) of checkpoint ``resume``, whose weights and buffers are copied into
+    ``net`` (which must have the same architecture)."""
+    saved, state, arrays = load_checkpoint(type(net), resume)
+    if [type(layer) for layer in saved.layers] != [type(layer) for layer in net.layers] or \
+            [a.shape for _, a in _named_arrays(saved)] != \
+            [a.shape for _, a in _named_arrays(net)]:
+        raise ValueError(f"{resume} holds another architecture than this network's")
+    for (_, a), (_, b) in zip(_named_arrays(net), _named_arrays(saved), strict=True):
+        a[...] = b
+    return state, arrays
 
-    dp = dist.resolve(distributed)
-    epochs = _contract.check_int("epochs", epochs, 1)
-    batch_size = _contract.check_int("batch_size", batch_size, 1)
-    if early_stopping is not None:
-        early_stopping = _contract.check_int("early_stopping", early_stopping, 1)
-        if validation_data is None:
-            raise ValueError("early_stopping watches the validation loss: pass validation_data")
-    state = arrays = None
-    if resume is not None:
-        saved, state, arrays = load_checkpoint(resume)
-        if [type(layer) for layer in saved.layers] != [type(layer) for layer in net.layers] or \
-                [a.shape for _, a in _named_arrays(saved)] != \
-                [a.shape for _, a in _named_arrays(net)]:
-            raise ValueError(f"{resume} holds another architecture than this network's")
-        for (_, a), (_, b) in zip(_named_arrays(net), _named_arrays(saved), strict=True):
-            a[...] = b
-        if optimizer is None and lr is None:
-            optimizer = optimizer_from_record(state["optimizer"])
-        if schedule is None and state["schedule"] is not None:
-            schedule = schedule_from_config(state["schedule"])
-        if early_stopping is None:
-            early_stopping = state["patience"]
+
+def _check_recipe(optimizer, lr, schedule):
+    """The optimizer fit uses: ``optimizer``, or the seed's SGD with ``lr``."""
     if optimizer is None:
         optimizer = SGD(0.05 if lr is None else lr)
     elif not isinstance(optimizer, Optimizer):
@@ -493,40 +491,64 @@ def fit_network(net, x, y, epochs, batch_size, lr, validation_data, shuffle, see
     if schedule is not None and not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a fastcnn.optim schedule, got "
                         f"{type(schedule).__name__}")
-    net._check_data(x, y)
-    if validation_data is not None:
-        if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
-            got = (f"a {len(validation_data)}-tuple" if isinstance(validation_data, (tuple, list))
-                   else type(validation_data).__name__)
-            raise ValueError(f"validation_data must be a pair (x_val, y_val), got {got}")
-        net._check_data(*validation_data, what="validation_data")
-    net._check_parameters()
+    return optimizer
+
+
+def _check_validation_data(net, validation_data):
+    if validation_data is None:
+        return
+    if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+        got = (f"a {len(validation_data)}-tuple" if isinstance(validation_data, (tuple, list))
+               else type(validation_data).__name__)
+        raise ValueError(f"validation_data must be a pair (x_val, y_val), got {got}")
+    net.check_data(*validation_data, what="validation_data")
+
+
+def fit_network(net, x, y, epochs, batch_size, lr, validation_data, shuffle, seed, verbose,
+                optimizer, schedule, checkpoint, resume, early_stopping, run_info=None,
+                distributed=None):
+    """``ConvNet.fit`` (see its docstring)."""
+    dp = resolve(distributed)
+    epochs = _contract.check_int("epochs", epochs, 1)
+    batch_size = _contract.check_int("batch_size", batch_size, 1)
+    if early_stopping is not None:
+        early_stopping = _contract.check_int("early_stopping", early_stopping, 1)
+        if validation_data is None:
+            raise ValueError("early_stopping watches the validation loss: pass validation_data")
+    state = arrays = None
+    if resume is not None:
+        state, arrays = _resume_into(net, resume)
+        if optimizer is None and lr is None:
+            optimizer = optimizer_from_record(state["optimizer"])
+        if schedule is None and state["schedule"] is not None:
+            schedule = schedule_from_config(state["schedule"])
+        if early_stopping is None:
+            early_stopping = state["patience"]
+        if run_info is None:
+            run_info = state.get("run")
+    optimizer = _check_recipe(optimizer, lr, schedule)
+    net.check_data(x, y)
+    _check_validation_data(net, validation_data)
+    net.check_parameters()
     if checkpoint is not None:
         serialize.check_destination(checkpoint)
-    if run_info is None and state is not None:
-        run_info = state.get("run")
-    if dp is not None:
-        if len(x) < dp.size:
-            raise ValueError(f"{len(x)} training images for {dp.size} processes: each needs at "
-                             "least one")
-        seed = dp.shared_seed(seed)  # the same shuffled order on every rank
-        if state is None and dp.size > 1:
-            from .layers import Dropout
-
-            for i, layer in enumerate(net.layers):  # masks differ between the ranks' shards
-                if isinstance(layer, Dropout):
-                    layer.rng = np.random.default_rng([seed, dp.rank, i])
-        dp.broadcast_parameters(net)
+    if len(x) < dp.size:
+        raise ValueError(f"{len(x)} training images for {dp.size} processes: each needs at "
+                         "least one")
+    seed = dp.shared_seed(seed)  # the same shuffled order on every rank
+    if state is None and dp.size > 1:
+        for i, layer in enumerate(net.layers):  # masks differ between the ranks' shards
+            if isinstance(layer, Dropout):
+                layer.rng = np.random.default_rng([seed, dp.rank, i])
+    dp.broadcast_parameters(net)
     trainer = Trainer(net, x, y, epochs, batch_size, optimizer, schedule, validation_data,
                       shuffle, seed, early_stopping, run_info, dp=dp)
     if state is not None:
         trainer.restore(resume, state, arrays)
     verbose = _interactive() if verbose is None else bool(verbose)
     try:
-        return trainer.run(verbose and (dp is None or dp.is_root), checkpoint)
-    except KeyboardInterrupt:
-        raise
+        return trainer.run(verbose and dp.is_root, checkpoint)
     except Exception as e:
-        if dp is not None and dp.size > 1:  # else the other ranks wait in their allreduce
+        if dp.size > 1:  # else the other ranks wait in their allreduce
             dp.end_job(e)
         raise

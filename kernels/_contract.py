@@ -1,7 +1,8 @@
 """The kernel contract every backend implements, and the checks its public wrappers share.
 
 Every backend module (``naive``, ``vectorized``, ``numba_jit``) exposes exactly the functions in
-``KERNELS`` with the same signatures. Arrays are NumPy, NCHW, C-contiguous, float32 or float64
+``KERNELS`` with the signatures in ``SIGNATURES``, and the optional groups of ``OPTIONAL_KERNELS``
+that its ``OPTIONAL`` names. Arrays are NumPy, NCHW, C-contiguous, float32 or float64
 (one dtype per call); ``stride`` and ``pad`` are non-negative ints (padding is symmetric, zeros).
 
 Shapes, with ``OH = (H + 2*pad - KH) // stride + 1`` for convolution and
@@ -67,25 +68,50 @@ from __future__ import annotations
 
 import numpy as np
 
-KERNELS = (
-    "conv2d_forward",
-    "conv2d_grad_weight",
-    "conv2d_grad_input",
-    "maxpool2d_forward",
-    "maxpool2d_backward",
-    "relu_forward",
-    "relu_backward",
-    "dense_forward",
-    "dense_backward",
-    "softmax_cross_entropy",
-    "sgd_update",
-    "sgd_momentum_update",
-    "adam_update",
-    "dropout",
-    "batchnorm_forward",
-    "batchnorm_inference",
-    "batchnorm_backward",
-)
+# Every kernel every backend has, with its signature (a test compares each backend's).
+SIGNATURES = {
+    "conv2d_forward": "(x, w, b, stride, pad)",
+    "conv2d_grad_weight": "(x, dy, kernel_size, stride, pad)",
+    "conv2d_grad_input": "(dy, w, input_shape, stride, pad)",
+    "maxpool2d_forward": "(x, size, stride, with_argmax=True)",
+    "maxpool2d_backward": "(dy, argmax, input_shape, size, stride)",
+    "relu_forward": "(x)",
+    "relu_backward": "(dy, y)",
+    "dense_forward": "(x, w, b)",
+    "dense_backward": "(dy, x, w)",
+    "softmax_cross_entropy": "(logits, labels)",
+    "sgd_update": "(param, grad, lr)",
+    "sgd_momentum_update": "(param, grad, velocity, lr, momentum, weight_decay, nesterov)",
+    "adam_update": "(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step)",
+    "dropout": "(x, keep, scale)",
+    "batchnorm_forward": "(x, gamma, beta, eps)",
+    "batchnorm_inference": "(x, gamma, beta, mean, var, eps)",
+    "batchnorm_backward": "(dy, x, gamma, mean, var, eps)",
+}
+KERNELS = tuple(SIGNATURES)
+
+# Optional kernels, in groups that a backend has all of or none of; it says which groups it
+# has in its module-level ``OPTIONAL`` (a set of group names), and layers ask ``has`` before
+# calling them. Each group computes exactly what required kernels compute (bit for bit on the
+# same backend), faster; the conformance tests check that.
+OPTIONAL_KERNELS = {
+    # x laid out once per convolution layer and step: conv2d_forward's y, plus what its
+    # forward kept for the backward ("saved", opaque); conv2d_backward gives (dw, db, dx or
+    # None) = conv2d_grad_weight's and conv2d_grad_input's, from one layout of dy.
+    "conv2d_saved_layout": {
+        "conv2d_forward_saving": "(x, w, b, stride, pad)",
+        "conv2d_backward": "(x, dy, w, stride, pad, need_dx=True, saved=None)",
+    },
+}
+
+
+def has(module, group):
+    """Whether backend ``module`` declares the optional kernel group ``group``."""
+    if group not in OPTIONAL_KERNELS:
+        raise ValueError(f"Unknown optional kernel group {group!r}. Expected one of "
+                         f"{tuple(OPTIONAL_KERNELS)}.")
+    return group in module.OPTIONAL
+
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -267,16 +293,24 @@ def check_sgd_update(param, grad, lr):
     check_scalar("lr", lr)
 
 
-def check_scalar(name, value, minimum=None, below=None, positive=False):
-    """A real number (Python or NumPy scalar, not bool), finite, > 0 if ``positive``, and in
-    [minimum, below) where given -> float; else a ValueError naming it."""
+def check_scalar(name, value, minimum=None, below=None, positive=False, maximum=None):
+    """A real number (Python or NumPy scalar, not bool), finite, > 0 if ``positive``, >=
+    ``minimum``, < ``below`` and <= ``maximum`` where given -> float; else a ValueError naming
+    it."""
     kind = "positive finite" if positive else "finite"
     if isinstance(value, (bool, np.bool_)) or not (
             isinstance(value, (int, float, np.integer, np.floating)) and np.isfinite(value)) or (
             positive and value <= 0):
         raise ValueError(f"{name} must be a {kind} number, got {value!r}")
-    if (minimum is not None and value < minimum) or (below is not None and value >= below):
-        bounds = (f">= {minimum}" if below is None else f"in [{minimum}, {below})")
+    if (minimum is not None and value < minimum) or (below is not None and value >= below) or (
+            maximum is not None and value > maximum):
+        top = f"{below})" if below is not None else f"{maximum}]"
+        if minimum is not None and (below, maximum) != (None, None):
+            bounds = f"in [{minimum}, {top}"
+        elif minimum is not None:
+            bounds = f">= {minimum}"
+        else:
+            bounds = f"< {below}" if below is not None else f"<= {maximum}"
         raise ValueError(f"{name} must be {bounds}, got {value!r}")
     return float(value)
 

@@ -15,6 +15,9 @@ import numpy as np
 
 from . import _contract as c
 
+# The optional kernel groups of the contract that this backend has (_contract.OPTIONAL_KERNELS).
+OPTIONAL = frozenset()
+
 
 def conv2d_forward(x, w, b, stride, pad):
     """y[n, f, i, j] = b[f] + sum_{c, p, q} w[f, c, p, q] * x[n, c, i*stride + p - pad,

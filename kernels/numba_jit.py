@@ -18,6 +18,9 @@ from numba.extending import intrinsic
 
 from . import _contract as c
 
+# The optional kernel groups of the contract that this backend has (_contract.OPTIONAL_KERNELS).
+OPTIONAL = frozenset({"conv2d_saved_layout"})
+
 # NOTE: every jit flag lives here. fastmath allows reassociating sums (so reductions vectorize)
 # but not 'nnan'/'ninf': a NaN must still propagate so that a diverging loss is detected.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}

@@ -12,6 +12,9 @@ from numpy.lib.stride_tricks import as_strided
 
 from . import _contract as c
 
+# The optional kernel groups of the contract that this backend has (_contract.OPTIONAL_KERNELS).
+OPTIONAL = frozenset()
+
 
 def _pad(x, pad):
     if pad == 0:

@@ -1,6 +1,8 @@
 """Straightforward loop versions of the kernel math, written for the tests to compare against.
 
 Deliberately independent of every backend: loops over output cells, a small NumPy sum per window.
+It is the second oracle beside ``kernels/naive.py``: a mistake in ``naive`` would otherwise pass
+every comparison (see tests/README.md).
 """
 
 import numpy as np

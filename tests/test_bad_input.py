@@ -5,9 +5,8 @@ import re
 import numpy as np
 import pytest
 
-from fastcnn import ConvNet, Dense, Flatten, ReLU
+from fastcnn import ConvNet, Dense, Flatten, ReLU, TrainingDiverged
 from fastcnn.models import simple_cnn
-from fastcnn.network import TrainingDiverged
 
 
 def digits(rng, n=40):

@@ -90,7 +90,7 @@ def test_ctrl_c_mid_epoch_writes_a_checkpoint_that_resumes_exactly(data, tmp_pat
                 checkpoint=tmp_path / "ck.npz", **recipe())
     err = capsys.readouterr().err
     assert f"wrote a checkpoint to {tmp_path / 'ck.npz'} (epoch 2, after batch 4)" in err
-    _, state, arrays = load_checkpoint(tmp_path / "ck.npz")
+    _, state, arrays = load_checkpoint(ConvNet, tmp_path / "ck.npz")
     assert (state["epoch"], state["batch"], state["steps"]) == (1, 4, 13)
     assert "order" in arrays
     other = net_with_everything(5)
@@ -119,7 +119,7 @@ def test_a_checkpoint_is_written_after_every_epoch_atomically(data, tmp_path):
     x, y, _ = data
     net = net_with_everything(1)
     net.fit(x, y, epochs=2, batch_size=8, checkpoint=tmp_path / "ck.npz")
-    _, state, _ = load_checkpoint(tmp_path / "ck.npz")
+    _, state, _ = load_checkpoint(ConvNet, tmp_path / "ck.npz")
     assert state["epoch"] == 2 and state["batch"] == 0 and len(state["history"]["loss"]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.npz"]
 
@@ -128,15 +128,15 @@ def test_early_stopping_keeps_the_best_weights(data, tmp_path):
     x, y, val = data
     net = net_with_everything(1)
     kept = {}
-    evaluate = net._evaluate
+    evaluate = net.evaluate
 
-    def scripted(xv, yv, batch_size):  # validation losses: best at epoch 2, then worse
+    def scripted(xv, yv, batch_size=64):  # validation losses: best at epoch 2, then worse
         result = evaluate(xv, yv, batch_size)
         epoch = len(kept) + 1
         kept[epoch] = weights(net)
         return {**result, "loss": {1: 3.0, 2: 1.0, 3: 2.0, 4: 2.5, 5: 0.5}[epoch]}
 
-    net._evaluate = scripted
+    net.evaluate = scripted
     history = net.fit(x, y, epochs=8, batch_size=8, validation_data=val, early_stopping=2,
                       optimizer=optim.Adam(1e-2))
     assert history["best_epoch"] == 2 and history["stopped_epoch"] == 4
@@ -152,7 +152,7 @@ def test_ctrl_c_between_epochs_resumes_exactly(data, tmp_path):
     whole, _ = run_whole(data, tmp_path)
     x, y, val = data
     net = net_with_everything(1)
-    evaluate = net._evaluate
+    evaluate = net.evaluate
     calls = []
 
     def interrupt_during_first_validation(*args, **kw):
@@ -161,11 +161,11 @@ def test_ctrl_c_between_epochs_resumes_exactly(data, tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
         return evaluate(*args, **kw)
 
-    net._evaluate = interrupt_during_first_validation
+    net.evaluate = interrupt_during_first_validation
     with pytest.raises(KeyboardInterrupt):
         net.fit(x, y, epochs=4, batch_size=8, seed=3, validation_data=val,
                 checkpoint=tmp_path / "ck.npz", **recipe())
-    _, state, arrays = load_checkpoint(tmp_path / "ck.npz")
+    _, state, arrays = load_checkpoint(ConvNet, tmp_path / "ck.npz")
     assert (state["epoch"], state["batch"]) == (1, 0) and "order" in arrays
     other = net_with_everything(2)
     other.fit(x, y, epochs=4, batch_size=8, validation_data=val, resume=tmp_path / "ck.npz")

@@ -53,12 +53,27 @@ def test_bad_option_is_a_usage_error():
 
 
 def test_the_parsers_choices_agree_with_the_library():
-    from fastcnn import backend, cli, datasets, models, predict
+    """Every flag with choices, in every command, offers exactly what the library defines (the
+    parser keeps its own copies so that building it imports nothing heavy)."""
+    from fastcnn import backend, cli, datasets, models, optim, predict
 
-    assert cli.BACKENDS == tuple(backend.BACKENDS)
-    assert cli.DATASETS == datasets.NAMES
-    assert cli.MODELS == models.MODELS
-    assert cli.PICTURE_STYLES == predict.STYLES
+    library = {"backend": tuple(backend.BACKENDS), "dataset": datasets.NAMES,
+               "model": models.MODELS, "recipe": tuple(models.RECIPES),
+               "optimizer": tuple(optim.OPTIMIZERS),
+               # a warm-up is --warmup N before any of the others, not a choice of its own
+               "schedule": tuple(k for k in optim.SCHEDULES if not k.startswith("warmup")),
+               "style": predict.STYLES, "dtype": ("float32", "float64"),
+               "invert": ("auto", "yes", "no")}
+    commands = next(a for a in cli._parser()._actions if a.dest == "command").choices
+    seen = set()
+    for name, parser in commands.items():
+        for action in parser._actions:
+            if action.choices is not None:
+                assert action.dest in library, f"{name} --{action.dest}: no library list"
+                assert tuple(action.choices) == tuple(library[action.dest]), (name, action.dest)
+                seen.add(action.dest)
+    assert seen == set(library)  # every list above is offered somewhere
+    assert {"warmup", "warmup-then"} <= set(optim.SCHEDULES)
 
 
 @pytest.mark.parametrize("args, message", [

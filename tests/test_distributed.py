@@ -43,7 +43,32 @@ def test_the_launchers_environment_says_how_many_processes(monkeypatch):
     assert distributed.launched_size() == 4 and distributed.launched_rank() == 3
     with pytest.raises(TypeError, match="distributed must be"):
         distributed.resolve("yes")
-    assert distributed.resolve(False) is None
+    alone = distributed.resolve(False)
+    assert isinstance(alone, distributed.SingleProcess) and distributed.resolve(alone) is alone
+
+
+def test_one_process_is_a_job_of_one():
+    """The trainer's one loop runs a SingleProcess where it would run a DataParallel: the shard
+    is the whole batch, combined numbers come back as they were, bit for bit."""
+    alone = distributed.SingleProcess()
+    assert (alone.rank, alone.size, alone.is_root) == (0, 1, True)
+    idx = np.arange(7)
+    assert alone.shard(idx) is idx and alone.part(7) == slice(0, 7)
+    loss = 0.1 + 0.2  # a sum that x * n / n would not give back for every n
+    assert alone.combine([loss], 3, [5, True]) == ([loss], [5, True])
+    assert alone.shared_seed(None) is None and alone.shared_seed(4) == 4
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5])
+def test_a_ranks_part_of_the_validation_set_is_its_shard_as_a_slice(size):
+    parts = []
+    for rank in range(size):
+        dp = object.__new__(distributed.DataParallel)  # no MPI needed for the arithmetic
+        dp.rank, dp.size = rank, size
+        part = dp.part(11)
+        np.testing.assert_array_equal(np.arange(11)[part], dp.shard(np.arange(11)))
+        parts.append(part)
+    assert parts[0].start == 0 and parts[-1].stop == 11
 
 
 @pytest.fixture(scope="module")

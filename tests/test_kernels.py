@@ -36,13 +36,34 @@ DTYPES = [np.float32, np.float64]
 def test_every_backend_has_the_contract_with_the_same_signatures():
     names = backend.available_backends()
     assert names, "no backend imports"
-    first = backend.load(names[0])
     for name in names:
         module = backend.load(name)
-        for kernel in _contract.KERNELS:
+        for kernel, signature in _contract.SIGNATURES.items():
             assert hasattr(module, kernel), f"{name} lacks {kernel}"
-            assert inspect.signature(getattr(module, kernel)) == inspect.signature(
-                getattr(first, kernel)), f"{name}.{kernel} signature differs"
+            assert str(inspect.signature(getattr(module, kernel))) == signature, \
+                f"{name}.{kernel} has another signature than the contract's {signature}"
+
+
+def test_optional_kernels_come_in_whole_groups_with_the_declared_signatures():
+    """A backend has all of an optional group, as it declares in OPTIONAL, or none of it."""
+    declared_somewhere = set()
+    for name in backend.available_backends():
+        module = backend.load(name)
+        assert isinstance(module.OPTIONAL, frozenset)
+        assert module.OPTIONAL <= set(_contract.OPTIONAL_KERNELS), f"{name}: unknown groups"
+        for group, kernels in _contract.OPTIONAL_KERNELS.items():
+            if _contract.has(module, group):
+                declared_somewhere.add(group)
+                for kernel, signature in kernels.items():
+                    assert hasattr(module, kernel), f"{name} declares {group} but lacks {kernel}"
+                    assert str(inspect.signature(getattr(module, kernel))) == signature, \
+                        f"{name}.{kernel}"
+            else:
+                present = [k for k in kernels if hasattr(module, k)]
+                assert not present, f"{name} has {present} of {group} without declaring it"
+    assert declared_somewhere == set(_contract.OPTIONAL_KERNELS)  # each group is tested
+    with pytest.raises(ValueError, match="Unknown optional kernel group 'fused'"):
+        _contract.has(module, "fused")
 
 
 @pytest.mark.parametrize("case", CONV_CASES)

@@ -74,9 +74,15 @@ def test_batchnorm_layer_checks_its_input():
         ConvNet([Conv2D(1, 3, 3), BatchNorm2D(4)], input_shape=(1, 8, 8))
     with pytest.raises(ValueError, match=r"expects input \(C,\)"):
         ConvNet([BatchNorm1D(1)], input_shape=(1, 8, 8))
-    for bad in ({"channels": 0}, {"channels": 2, "eps": 0}, {"channels": 2, "momentum": 2}):
-        with pytest.raises(ValueError):
+    for bad, message in [({"channels": 0}, "channels must be >= 1"),
+                         ({"channels": 2, "eps": 0}, "eps must be a positive finite number"),
+                         ({"channels": 2, "eps": 1}, "eps must be < 1.0, got 1"),
+                         ({"channels": 2, "momentum": 2}, r"momentum must be in \[0.0, 1.0\]"),
+                         ({"channels": 2, "momentum": -0.5}, r"momentum must be in \[0.0, 1.0\]"),
+                         ({"channels": 2, "momentum": True}, "momentum must be a finite number")]:
+        with pytest.raises(ValueError, match=message):
             BatchNorm2D(**bad)
+    assert BatchNorm2D(2, momentum=1).momentum == 1.0
 
 
 def test_dropout_drops_in_training_and_is_the_identity_at_inference(rng):
@@ -88,8 +94,8 @@ def test_dropout_drops_in_training_and_is_the_identity_at_inference(rng):
     drop.training = False
     assert drop.forward(x) is x
     assert Dropout(0.0).forward(x) is x
-    for p in (-0.1, 1.0, True):
-        with pytest.raises(ValueError, match="p must be a probability"):
+    for p in (-0.1, 1.0, True, float("nan")):
+        with pytest.raises(ValueError, match=r"p must be (in \[0.0, 1.0\)|a finite number)"):
             Dropout(p)
 
 

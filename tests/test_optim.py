@@ -6,8 +6,6 @@ import pytest
 from fastcnn import ConvNet, Dense, Flatten, optim
 from fastcnn.models import simple_cnn
 
-import reference  # noqa: F401  (keeps the tests' import path as the other modules have it)
-
 
 class FakeNet:
     """Just the parameter walk an optimizer uses."""
@@ -191,7 +189,7 @@ def test_modes_and_the_parameter_walk():
     assert net.eval() is net and not net.training
     assert [name for name, _, _ in net.parameters()] == ["layer1.weight", "layer1.bias"]
     net.train()
-    with net._mode(False):
+    with net.mode(False):
         assert not any(layer.training for layer in net.layers)
     assert all(layer.training for layer in net.layers)
     net.predict(np.zeros((2, 1, 2, 2), np.float32))
