@@ -49,7 +49,7 @@ if config.DISABLE_JIT:
 
     def _stack_buffer(count, dtype):
         return np.empty(count, dtype)
-else:
+else:  # pragma: no cover - compiled code only: the plain-Python run takes the branch above
     @intrinsic
     def _flat(typingctx, a):
         """The data pointer of a C-contiguous array: a[i] reads the i-th value, unchecked."""

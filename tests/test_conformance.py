@@ -202,17 +202,61 @@ def test_one_trainer_three_backends_end_with_the_same_weights(rng):
             np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11, err_msg=name)
 
 
-def test_numba_kernel_bodies_also_pass_as_plain_python():
-    """NUMBA_DISABLE_JIT=1 runs the kernel bodies as Python: a bug hidden by compilation shows."""
+# The share of kernels/numba_jit.py's lines that the run without the JIT must execute: all. A
+# line that cannot run there carries "pragma: no cover" with the reason (compiled-only code).
+# The tests force every register tile and weight-gradient variant, whatever this CPU would
+# pick, so the lines run do not depend on the CPU.
+COVERAGE_FLOOR = 1.0
+
+
+def test_numba_kernel_bodies_also_pass_as_plain_python(tmp_path):
+    """NUMBA_DISABLE_JIT=1 runs the kernel bodies as Python: a bug hidden by compilation shows,
+    a read past an array's end fails (the JIT's unchecked reads are checked there), and coverage
+    proves that every tile edge and remainder loop ran, not only compiled."""
     if NO_JIT:
         pytest.skip("this is the run without the JIT")
+    import coverage  # the dev extra's
+
+    from fastcnn.kernels import numba_jit
+
+    source = str(Path(numba_jit.__file__).resolve())
+    data = tmp_path / "coverage.data"
     env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    root = Path(__file__).parent.parent
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "numba or one_trainer or plain_python"],
-        cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True, timeout=600)
+        [sys.executable, "-m", "coverage", "run", f"--data-file={data}", f"--include={source}",
+         "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, str(root / "tests" /
+         "test_kernels.py"), "-k", "numba or one_trainer or plain_python"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "failed" not in run.stdout
+    cov = coverage.Coverage(data_file=str(data))
+    cov.load()
+    _, statements, _, missing, _ = cov.analysis2(source)
+    share = 1 - len(missing) / len(statements)
+    assert len(statements) > 500 and share >= COVERAGE_FLOOR, (
+        f"{share:.1%} of numba_jit.py's {len(statements)} lines ran without the JIT (floor "
+        f"{COVERAGE_FLOOR:.0%}); never run: lines {missing}: test them, or mark compiled-only "
+        f"code '# pragma: no cover - <why>'")
+
+
+@pytest.mark.parametrize("features, bits", [({"avx512f": True, "avx2": True}, 512),
+                                            ({"avx2": True}, 256), ({"avx": True}, 256),
+                                            ({"neon": True}, 128), (None, 128)])
+def test_numba_vector_width_comes_from_the_cpus_features(monkeypatch, features, bits):
+    """The register tiles are sized from this: AVX-512, AVX/AVX2, else 128-bit vectors (NEON,
+    SSE), and the narrowest when llvmlite cannot say."""
+    from llvmlite import binding
+
+    from fastcnn.kernels import numba_jit
+
+    def host_features():
+        if features is None:
+            raise RuntimeError("no feature list on this platform")
+        return features
+
+    monkeypatch.setattr(binding, "get_host_cpu_features", host_features)
+    assert numba_jit._host_vector_bits() == bits
 
 
 def test_plain_python_mode_is_really_plain_python():
