@@ -114,9 +114,10 @@ class _NoBar:
 
 
 class _Averaging:
-    """The gradient hook of distributed steps: the allreduce of the gradients weighted by this
-    rank's ``share`` of the step's global batch (set before each step), then ``hook`` (the
-    caller's own, if any), which so sees the average."""
+    """The gradient hook of every step of a run: the allreduce of the gradients weighted by
+    this process's ``share`` of the step's global batch (set before each step; nothing to do
+    for a process alone), then ``hook`` (the caller's own, if any), which so sees the
+    average."""
 
     def __init__(self, dp, hook):
         self.dp, self.hook, self.share = dp, hook, 1.0
