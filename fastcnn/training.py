@@ -267,9 +267,9 @@ class Trainer:
                 if stop:
                     self.partial["seconds"] += time.perf_counter() - start
                     self._interrupted(checkpoint if dp.is_root else None)
-                stop = self._step(b, self.order[b * per_step : (b + 1) * per_step], buf,
-                                  interrupts)
-                bar.update(len(self.order[b * per_step : (b + 1) * per_step]))
+                every = self.order[b * per_step : (b + 1) * per_step]
+                stop = self._step(b, every, buf, interrupts)
+                bar.update(len(every))
                 if b % 20 == 0:
                     p = self.partial
                     bar.set_postfix(loss=f"{p['loss'] / p['seen']:.4f}", refresh=False)
