@@ -13,6 +13,7 @@ the closed form of its ``torch.optim.lr_scheduler`` namesake, and the tests comp
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -38,6 +39,11 @@ class Optimizer:
 
     def _update(self, k, name, param, grad):
         raise NotImplementedError
+
+    def state_keys(self):
+        """The state arrays kept per parameter (checkpoints save them as
+        "<parameter>.<key>")."""
+        return ()
 
     def _buffers(self, name, param, keys):
         """This parameter's state arrays, zeros at first (torch's first step gives the same)."""
@@ -88,12 +94,17 @@ class SGD(Optimizer):
         super().__init__(lr)
         self.momentum = check_scalar("momentum", momentum, 0.0, 1.0)
         self.weight_decay = check_scalar("weight_decay", weight_decay, 0.0)
+        if not isinstance(nesterov, (bool, np.bool_)):
+            raise TypeError(f"nesterov must be True or False, got {nesterov!r}")
         self.nesterov = bool(nesterov)
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov needs a momentum > 0")
 
+    def state_keys(self):
+        return () if self.momentum == 0 and self.weight_decay == 0 else ("velocity",)
+
     def _update(self, k, name, param, grad):
-        if self.momentum == 0 and self.weight_decay == 0:
+        if not self.state_keys():
             k.sgd_update(param, grad, self.lr)
             return
         (velocity,) = self._buffers(name, param, ("velocity",))
@@ -116,8 +127,11 @@ class Adam(Optimizer):
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         self.betas = (check_scalar("beta1", betas[0], 0.0, 1.0),
                       check_scalar("beta2", betas[1], 0.0, 1.0))
-        self.eps = check_scalar("eps", eps, 0.0)
+        self.eps = check_scalar("eps", eps, positive=True)  # divides: 0 would give inf
         self.weight_decay = check_scalar("weight_decay", weight_decay, 0.0)
+
+    def state_keys(self):
+        return ("m", "v")
 
     def _update(self, k, name, param, grad):
         m, v = self._buffers(name, param, ("m", "v"))
@@ -146,9 +160,15 @@ def optimizer_from_record(record):
     """An optimizer built from ``state_dict()``'s record (its state is loaded separately)."""
     cls = {c.__name__: c for c in OPTIMIZERS.values()}.get(record.get("type"))
     if cls is None:
-        raise ValueError(f"unknown optimizer {record.get('type')!r}")
-    hyper = dict(record.get("hyperparameters", {}))
-    if "betas" in hyper:
+        raise ValueError(f"unknown optimizer {record.get('type')!r} (known: "
+                         f"{', '.join(c.__name__ for c in OPTIMIZERS.values())})")
+    hyper = record.get("hyperparameters")
+    takes = list(inspect.signature(cls).parameters)
+    if not isinstance(hyper, dict) or set(hyper) - set(takes):
+        raise ValueError(f"the hyperparameters of {cls.__name__} are {', '.join(takes)}; got "
+                         f"{str(hyper)[:80]}")
+    hyper = dict(hyper)
+    if isinstance(hyper.get("betas"), list):
         hyper["betas"] = tuple(hyper["betas"])
     return cls(**hyper)
 
@@ -226,7 +246,9 @@ class LinearWarmup(Schedule):
     def __init__(self, steps, start_factor=0.1, per="batch"):
         super().__init__(per)
         self.steps = check_int("steps", steps, 1)
-        self.start_factor = check_scalar("start_factor", start_factor, positive=True)
+        # a warm-up rises to the rate (as torch's LinearLR, which refuses a start above 1)
+        self.start_factor = check_scalar("start_factor", start_factor, positive=True,
+                                         maximum=1.0)
 
     def factor(self, t):
         return self.start_factor + (1 - self.start_factor) * min(t, self.steps) / self.steps
@@ -240,6 +262,9 @@ class WarmupThen(Schedule):
     the warm-up (torch's SequentialLR of LinearLR and the other one). Both count in ``per``."""
 
     def __init__(self, warmup, then, start_factor=0.1):
+        if not isinstance(then, Schedule):
+            raise TypeError(f"then must be a fastcnn.optim schedule, e.g. optim.Cosine(100, "
+                            f"per='batch'), got {then!r}")
         super().__init__(then.per)
         self.warmup = LinearWarmup(warmup, start_factor, then.per)
         self.then = then

@@ -69,32 +69,32 @@ def model_arrays(net, extra_records=None):
     return arrays
 
 
-class _Bad(ValueError):
-    """What is wrong with the file, without its name (added once, at the top)."""
+class Invalid(ValueError):
+    """What is wrong with a file, without its name (``load`` adds it once, at the top)."""
 
 
-def load(cls, path, extra=None):
-    """The network in ``path``. ``extra``: a function called as ``extra(z, arch, members)``
-    with the open zip, the checked architecture record and the remaining members, whose result
-    is returned beside the network (checkpoints read their state this way); its errors are
-    reported like the file's."""
+def load(cls, path, extra=None, kind="model file"):
+    """The network in ``path``. ``extra``: a function called as ``extra(z, arch, members, net)``
+    with the open zip, the checked architecture record, the remaining members and the network
+    read so far, whose result is returned beside the network (checkpoints read their state this
+    way); its ``Invalid`` errors are reported like the file's, as a ``kind`` that is not valid."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{path} is a folder, not a fastcnn model file")
+        raise ValueError(f"{path} is a folder, not a fastcnn {kind}")
     if not path.is_file():
-        raise FileNotFoundError(f"no model file at {path}")
+        raise FileNotFoundError(f"no {kind} at {path}")
     try:
         return _load(cls, path, extra)
-    except _Bad as e:
-        raise ValueError(f"{path} is not a valid fastcnn model file: {e}") from None
+    except Invalid as e:
+        raise ValueError(f"{path} is not a valid fastcnn {kind}: {e}") from None
     except zipfile.BadZipFile as e:
-        raise ValueError(f"{path} is not a valid fastcnn model file (not a zip archive, or "
+        raise ValueError(f"{path} is not a valid fastcnn {kind} (not a zip archive, or "
                          f"truncated or corrupt): {e}") from None
     except RecursionError:
-        raise ValueError(f"{path} is not a valid fastcnn model file: its architecture record "
+        raise ValueError(f"{path} is not a valid fastcnn {kind}: its architecture record "
                          f"is nested too deeply") from None
     except Exception as e:  # noqa: BLE001 - whatever a crafted file provokes is the file's fault
-        raise ValueError(f"{path} is not a valid fastcnn model file (truncated or corrupt?): "
+        raise ValueError(f"{path} is not a valid fastcnn {kind} (truncated or corrupt?): "
                          f"{type(e).__name__}: {e}") from e
 
 
@@ -112,15 +112,15 @@ def _load(cls, path, read_extra):
             others = {name: info for name, info in others.items()
                       if not name.startswith(CHECKPOINT_MEMBERS)}
         if read_extra is None and others:
-            raise _Bad(f"it holds members the architecture does not name: "
+            raise Invalid(f"it holds members the architecture does not name: "
                        f"{', '.join(sorted(others)[:5])}")
         for i, layer_specs in enumerate(specs):
             for key, (shape, dtype) in layer_specs.items():
                 name = f"layer{i}.{key}.npy"
                 if name not in members:
-                    raise _Bad(f"layer {i} ({arch['layers'][i]['type']}) has no {key} array")
-                _check_header(z, members[name], f"layer {i} ({arch['layers'][i]['type']}) {key}",
-                              shape, dtype)
+                    raise Invalid(f"layer {i} ({arch['layers'][i]['type']}) has no {key} array")
+                check_header(z, members[name], f"layer {i} ({arch['layers'][i]['type']}) {key}",
+                             shape, dtype)
         # Every size the file claims agrees with the bytes it holds: now allocate and read.
         for i, spec in enumerate(arch["layers"]):
             try:
@@ -128,29 +128,23 @@ def _load(cls, path, read_extra):
                 if set(layer.params) | set(layer.buffers) != set(specs[i]):
                     raise ValueError("its arrays differ from its specification")
             except (TypeError, ValueError) as e:
-                raise _Bad(f"layer {i} ({spec['type']}) has a bad config: {e}") from None
+                raise Invalid(f"layer {i} ({spec['type']}) has a bad config: {e}") from None
             try:
                 net.add(layer)  # checks that it fits what comes before it
             except ValueError as e:
-                raise _Bad(str(e)) from None
+                raise Invalid(str(e)) from None
             for key, p in (*layer.params.items(), *layer.buffers.items()):
                 what = f"layer {i} ({spec['type']}) {key}"
-                with z.open(members[f"layer{i}.{key}.npy"]) as f:
-                    stored = np.lib.format.read_array(f, allow_pickle=False)
-                    if f.read(1):
-                        raise _Bad(f"{what} has bytes after its array")
+                stored = read_member(z, members[f"layer{i}.{key}.npy"], what)
                 if stored.shape != p.shape or stored.dtype != p.dtype:  # headers were checked
-                    raise _Bad(f"{what} is {stored.dtype}{stored.shape}, expected "
-                               f"{p.dtype}{p.shape}")
-                if not np.isfinite(stored).all():
-                    raise _Bad(f"{what} holds {np.count_nonzero(~np.isfinite(stored))} NaN or "
-                               f"infinite values")
+                    raise Invalid(f"{what} is {stored.dtype}{stored.shape}, expected "
+                                  f"{p.dtype}{p.shape}")
                 p[...] = stored
-        result = read_extra(z, arch, others) if read_extra is not None else None
+        result = read_extra(z, arch, others, net) if read_extra is not None else None
     try:
         net.num_classes()
     except ValueError as e:
-        raise _Bad(str(e)) from None
+        raise Invalid(str(e)) from None
     net.eval()  # a loaded model infers until told to train
     return net if read_extra is None else (net, result)
 
@@ -160,25 +154,25 @@ def _check_directory(z, file_size):
     for info in z.infolist():
         name = info.filename
         if name in members:
-            raise _Bad(f"member {name!r} appears twice")
+            raise Invalid(f"member {name!r} appears twice")
         if not name.endswith(".npy"):
-            raise _Bad(f"member {name!r} is not a .npy array")
+            raise Invalid(f"member {name!r} is not a .npy array")
         if info.flag_bits & 0x1:
-            raise _Bad(f"member {name!r} is encrypted")
+            raise Invalid(f"member {name!r} is encrypted")
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            raise _Bad(f"member {name!r} uses zip compression method {info.compress_type}; "
+            raise Invalid(f"member {name!r} uses zip compression method {info.compress_type}; "
                        f"model files are stored or deflated")
         if info.compress_size > file_size:
-            raise _Bad(f"member {name!r} claims {info.compress_size} bytes, more than the whole "
+            raise Invalid(f"member {name!r} claims {info.compress_size} bytes, more than the whole "
                        f"file ({file_size} bytes): truncated?")
         limit = (info.compress_size if info.compress_type == zipfile.ZIP_STORED
                  else info.compress_size * _DEFLATE_MAX_RATIO + 1024)
         if info.file_size > limit:
-            raise _Bad(f"member {name!r} claims to expand to {info.file_size} bytes from "
+            raise Invalid(f"member {name!r} claims to expand to {info.file_size} bytes from "
                        f"{info.compress_size}")
         members[name] = info
     if "architecture.npy" not in members:
-        raise _Bad("it has no architecture record")
+        raise Invalid("it has no architecture record")
     return members
 
 
@@ -192,43 +186,58 @@ def _npy_header(f, what):
         shape, fortran, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=
                                                                     _NPY_HEADER_MAX)
     else:
-        raise _Bad(f"{what}: unsupported .npy version {version}")
+        raise Invalid(f"{what}: unsupported .npy version {version}")
     if dtype.hasobject:
-        raise _Bad(f"{what} holds Python objects; model files hold numbers only")
+        raise Invalid(f"{what} holds Python objects; model files hold numbers only")
     return shape, fortran, dtype, f.tell()
 
 
-def _check_header(z, info, what, shape, dtype):
+def read_member(z, info, what):
+    """The array of a member whose header was checked (``check_header``): never unpickled,
+    nothing after it, finite where it holds floats."""
+    with z.open(info) as f:
+        stored = np.lib.format.read_array(f, allow_pickle=False)
+        if f.read(1):
+            raise Invalid(f"{what} has bytes after its array")
+    if stored.dtype.kind == "f" and not np.isfinite(stored).all():
+        raise Invalid(f"{what} holds {np.count_nonzero(~np.isfinite(stored))} NaN or infinite "
+                      f"values")
+    return stored
+
+
+def check_header(z, info, what, shape, dtype, source="the architecture"):
+    """The member's ``.npy`` header says ``shape`` and ``dtype`` (what ``source`` calls for),
+    and its size is what they need: checked before anything is read or allocated."""
     with z.open(info) as f:
         got_shape, _, got_dtype, header = _npy_header(f, what)
     if got_shape != shape or got_dtype != dtype:
         got = f"{got_dtype}{got_shape}"
-        raise _Bad(f"{what} is {got}, the architecture says {dtype}{shape}")
+        raise Invalid(f"{what} is {got}, {source} says {dtype}{shape}")
     need = header + int(np.prod(shape, dtype=object)) * dtype.itemsize
     if info.file_size != need:
-        raise _Bad(f"{what}: the member holds {info.file_size} bytes, its header needs {need}")
+        raise Invalid(f"{what}: the member holds {info.file_size} bytes, its header needs {need}")
 
 
 def _read_architecture(z, members):
     info = members["architecture.npy"]
     if info.file_size > MAX_ARCHITECTURE_BYTES:
-        raise _Bad(f"its architecture record is {info.file_size} bytes (at most "
+        raise Invalid(f"its architecture record is {info.file_size} bytes (at most "
                    f"{MAX_ARCHITECTURE_BYTES})")
     with z.open(info) as f:
         shape, _, dtype, _ = _npy_header(f, "the architecture record")
         if dtype != np.uint8 or len(shape) != 1:
-            raise _Bad(f"its architecture record is {dtype}{shape}, not bytes")
+            raise Invalid(f"its architecture record is {dtype}{shape}, not bytes")
         raw = f.read(MAX_ARCHITECTURE_BYTES + 1)
     if len(raw) != shape[0]:
-        raise _Bad(f"its architecture record holds {len(raw)} bytes, its header says {shape[0]}")
+        raise Invalid(f"its architecture record holds {len(raw)} bytes, its header says {shape[0]}")
     try:
         arch = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _Bad(f"its architecture record is not JSON: {e}") from None
+        raise Invalid(f"its architecture record is not JSON: {e}") from None
     if not isinstance(arch, dict):
-        raise _Bad(f"its architecture record is a JSON {type(arch).__name__}, not an object")
+        raise Invalid(f"its architecture record is a JSON {type(arch).__name__}, not an object")
     if arch.get("format") != FORMAT or arch.get("version") not in READABLE_VERSIONS:
-        raise _Bad(f"unknown format {arch.get('format')!r} version {arch.get('version')!r} "
+        raise Invalid(f"unknown format {arch.get('format')!r} version {arch.get('version')!r} "
                    f"(this fastcnn reads {FORMAT!r} versions "
                    f"{', '.join(map(str, READABLE_VERSIONS))})")
     return arch
@@ -240,26 +249,26 @@ def _plan(cls, arch):
     shape = arch.get("input_shape")
     if (not isinstance(shape, list) or len(shape) != 3
             or not all(type(s) is int and s >= 1 for s in shape)):
-        raise _Bad(f"input_shape must be 3 positive ints (C, H, W), got {shape!r}")
+        raise Invalid(f"input_shape must be 3 positive ints (C, H, W), got {shape!r}")
     if shape[0] * shape[1] * shape[2] > MAX_INPUT_VALUES:
-        raise _Bad(f"input_shape {shape} holds more than {MAX_INPUT_VALUES} values")
+        raise Invalid(f"input_shape {shape} holds more than {MAX_INPUT_VALUES} values")
     layers = arch.get("layers")
     if not isinstance(layers, list) or not layers:
-        raise _Bad(f"it has no layers (layers: {str(layers)[:40]})")
+        raise Invalid(f"it has no layers (layers: {str(layers)[:40]})")
     specs = []
     for i, spec in enumerate(layers):
         if not isinstance(spec, dict):
-            raise _Bad(f"layer {i} is a JSON {type(spec).__name__}, not an object")
+            raise Invalid(f"layer {i} is a JSON {type(spec).__name__}, not an object")
         layer_type = LAYER_TYPES.get(spec.get("type")) if isinstance(spec.get("type"),
                                                                       str) else None
         if layer_type is None:
-            raise _Bad(f"layer {i} has unknown type {str(spec.get('type'))[:40]!r}")
+            raise Invalid(f"layer {i} has unknown type {str(spec.get('type'))[:40]!r}")
         config = spec.get("config", {})
         if not isinstance(config, dict):
-            raise _Bad(f"layer {i} ({spec['type']}) has a config that is not an object")
+            raise Invalid(f"layer {i} ({spec['type']}) has a config that is not an object")
         try:
             declared = {**layer_type.param_specs(**config), **layer_type.buffer_specs(**config)}
             specs.append({k: (tuple(s), np.dtype(d)) for k, (s, d) in declared.items()})
         except (TypeError, ValueError) as e:
-            raise _Bad(f"layer {i} ({spec['type']}) has a bad config: {e}") from None
+            raise Invalid(f"layer {i} ({spec['type']}) has a bad config: {e}") from None
     return cls(input_shape=tuple(shape)), specs

@@ -1,13 +1,7 @@
 """The training loop behind ``ConvNet.fit``: batches, the optimizer and schedule, divergence,
-validation, early stopping, and checkpoints that a run can be resumed from exactly.
-
-A checkpoint is a model file (version 2) whose architecture record also holds a "checkpoint"
-entry (epoch, batch within the epoch, step count, optimizer record, schedule, random generator
-states, the history so far, the divergence watch, early stopping's state, a fingerprint of the
-training data) and whose extra members hold the optimizer's state ("optimizer.<param>.<key>"),
-the epoch's order when it was written mid-epoch ("order"), and early stopping's best weights
-("best.<name>"). ``ConvNet.load`` reads it as the model it holds (``fastcnn evaluate`` works
-on a checkpoint); ``load_checkpoint`` reads the rest too.
+validation, early stopping, and checkpoints (``fastcnn.checkpoint``) that a run can be resumed
+from exactly. One loop serves one process and the K processes of a distributed run
+(``fastcnn.distributed``).
 """
 
 from __future__ import annotations
@@ -21,7 +15,8 @@ import zlib
 
 import numpy as np
 
-from . import atomic, backend, serialize, threads
+from . import backend, checkpoint, serialize, threads
+from .checkpoint import HISTORY_KEYS
 from .distributed import SingleProcess, resolve
 from .kernels import _contract
 from .layers import Dropout
@@ -157,10 +152,6 @@ def _progress(total, desc, verbose):
 
     return tqdm(total=total, desc=desc, unit="img", leave=False, file=sys.stderr,
                 dynamic_ncols=True, mininterval=0.25)
-
-
-HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds",
-                "images_per_second", "threads", "batch_loss")
 
 
 def _fingerprint(x, y):
@@ -400,35 +391,37 @@ class Trainer:
             "data": _fingerprint(self.x, self.y), "run": self.run_info,
             "processes": self.dp.size,  # batches count K x batch_size images
         }
-        arrays = serialize.model_arrays(net, {"checkpoint": state})
-        arrays.update({f"optimizer.{k}": a for k, a in opt_arrays.items()})
-        if self.order is not None:  # drawn: the generator has moved past it
-            arrays["order"] = self.order
-        if self.best is not None:
-            arrays.update({f"best.{k}": a for k, a in self.best["arrays"].items()})
-        serialize.check_destination(path)
-        atomic.atomic_write(path, lambda f: np.savez(f, **arrays))
+        # the order, once drawn, is saved: the generator has moved past it
+        checkpoint.write(path, net, state, opt_arrays, self.order,
+                         None if self.best is None else self.best["arrays"])
 
     def restore(self, path, state, arrays):
-        """Continue from a checkpoint read by ``load_checkpoint``."""
-        net = self.net
-        if state["data"] != _fingerprint(self.x, self.y):
-            raise ValueError(f"{path} was written while training on other data "
-                             f"({state['data']['n']} images); resume with the same x and y")
+        """Continue from a checkpoint read by ``checkpoint.read`` (which checked it whole):
+        first that it was written by a run like this one."""
+        data = _fingerprint(self.x, self.y)
+        if state["data"] != data:
+            saved = state["data"]
+            raise ValueError(f"{path} was written while training on other data ({saved['n']} "
+                             f"images of {saved['dtype']} {saved['shape']}, this is "
+                             f"{data['n']} of {data['dtype']} {data['shape']}, or other "
+                             f"labels); resume with the same x and y")
         if state["batch_size"] != self.batch_size or state["shuffle"] != self.shuffle:
             raise ValueError(f"{path} was written with batch_size={state['batch_size']}, "
                              f"shuffle={state['shuffle']}; resume with the same")
         if state.get("processes", 1) != self.dp.size:
             raise ValueError(f"{path} was written by a run of {state.get('processes', 1)} "
                              f"processes; resume it with as many (this is {self.dp.size})")
+        if state["patience"] is not None and self.validation_data is None:
+            raise ValueError(f"{path} was written by a run with early stopping: resume it "
+                             "with validation_data")
         self.optimizer.load_state_dict(state["optimizer"],
                                        {k[len("optimizer."):]: a for k, a in arrays.items()
                                         if k.startswith("optimizer.")})
         self.epoch, self.batch, self.steps = state["epoch"], state["batch"], state["steps"]
         self.rng.bit_generator.state = state["rng"]
         for i, rng_state in state["layer_rngs"].items():
-            net.layers[int(i)].rng.bit_generator.state = rng_state
-        self.history = {k: list(state["history"].get(k, [])) for k in HISTORY_KEYS}
+            self.net.layers[int(i)].rng.bit_generator.state = rng_state
+        self.history = {k: list(state["history"][k]) for k in HISTORY_KEYS}
         self.partial = dict(state["partial"])
         self.watch.restore(state["watch"])
         self.stopped_early = state["stopped_early"]
@@ -446,25 +439,10 @@ def _named_arrays(net):
 
 def load_checkpoint(cls, path):
     """(network, state, arrays) from a checkpoint written by ``fit(checkpoint=...)``: the
-    network (a ``cls``, as ``cls.load`` makes it) with its weights and buffers, the
-    "checkpoint" record, and the optimizer, order and best-weights arrays. Every problem is a
-    ValueError naming the file."""
-
-    def read(z, arch, members):
-        state = arch.get("checkpoint")
-        if not isinstance(state, dict):
-            raise ValueError("it is a model file, not a checkpoint (no checkpoint record)")
-        arrays = {}
-        for name, info in members.items():
-            key = name[: -len(".npy")]
-            if not (key == "order" or key.startswith(("optimizer.", "best."))):
-                raise ValueError(f"unexpected member {name!r}")
-            with z.open(info) as f:
-                arrays[key] = np.lib.format.read_array(f, allow_pickle=False)
-        return state, arrays
-
-    net, (state, arrays) = serialize.load(cls, path, extra=read)
-    return net, state, arrays
+    network (a ``cls``) with its weights and buffers, the checked "checkpoint" record, and the
+    optimizer, order and best-weights arrays (see ``fastcnn.checkpoint``). Every problem is a
+    ValueError naming the file and the field."""
+    return checkpoint.read(cls, path)
 
 
 def _resume_into(net, resume):
@@ -475,6 +453,9 @@ def _resume_into(net, resume):
             [a.shape for _, a in _named_arrays(saved)] != \
             [a.shape for _, a in _named_arrays(net)]:
         raise ValueError(f"{resume} holds another architecture than this network's")
+    if saved.dtype != net.dtype:
+        raise ValueError(f"{resume} holds a {saved.dtype} network and this one is {net.dtype}: "
+                         f"resume with a network of the same dtype")
     for (_, a), (_, b) in zip(_named_arrays(net), _named_arrays(saved), strict=True):
         a[...] = b
     return state, arrays

@@ -336,7 +336,7 @@ def check_adam_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, st
     check_optimizer_update(param, grad, {"m": m, "v": v})
     step = check_int("step", step, 1)
     return (check_scalar("lr", lr), check_scalar("beta1", beta1, 0.0, 1.0),
-            check_scalar("beta2", beta2, 0.0, 1.0), check_scalar("eps", eps, 0.0),
+            check_scalar("beta2", beta2, 0.0, 1.0), check_scalar("eps", eps, positive=True),
             check_scalar("weight_decay", weight_decay, 0.0), step)
 
 

@@ -74,6 +74,29 @@ def test_bad_hyperparameters_are_named(bad):
         bad()
 
 
+@pytest.mark.parametrize("make, error, message", [
+    # a string is not a bool: "no" would have turned Nesterov on
+    (lambda: optim.SGD(momentum=0.9, nesterov="no"), TypeError,
+     "nesterov must be True or False, got 'no'"),
+    (lambda: optim.SGD(momentum=0.9, nesterov=1), TypeError, "nesterov must be True or False"),
+    # eps divides: 0 gave ZeroDivisionError on numba and "diverged" on the others
+    (lambda: optim.Adam(eps=0), ValueError, "eps must be a positive finite number, got 0"),
+    (lambda: optim.AdamW(eps=-1e-8), ValueError, "eps must be a positive finite number"),
+    # a warm-up rises to the rate: torch's LinearLR refuses a start above 1 too
+    (lambda: optim.LinearWarmup(5, start_factor=3), ValueError,
+     r"start_factor must be <= 1.0, got 3"),
+    (lambda: optim.WarmupThen(3, "cosine"), TypeError,
+     "then must be a fastcnn.optim schedule, e.g. optim.Cosine"),
+    (lambda: optim.StepDecay(1.5), TypeError, "step_size must be an int, got 1.5"),
+    (lambda: optim.Cosine(0), ValueError, "total must be >= 1, got 0"),
+])
+def test_settings_that_would_train_otherwise_are_refused(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+    assert optim.SGD(momentum=0.9, nesterov=np.True_).nesterov is True
+    assert optim.LinearWarmup(5, start_factor=1).factor(0) == 1.0
+
+
 def test_state_dict_round_trip_continues_identically(rng):
     shapes = {"layer0.weight": (3, 4), "layer1.bias": (4,)}
     start = {k: rng.standard_normal(s) for k, s in shapes.items()}
