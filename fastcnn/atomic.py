@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 
@@ -21,20 +22,55 @@ def resolve(path) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
+def check_path(path, what="file") -> Path:
+    """``path`` as a Path: a str or path-like that is not empty, else a TypeError or
+    ValueError naming ``what`` it was for."""
+    if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"the path of the {what} must be a str or a pathlib.Path, got {path!r}")
+    if not os.fspath(path):
+        raise ValueError(f"the path of the {what} is empty")
+    return Path(path)
+
+
+_SPECIAL = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+            (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
+def _not_a_regular_file(target: Path):
+    """What ``target`` is when it exists and is neither a regular file nor a folder, else
+    None (writing replaces the file at the path: a device or a FIFO must not be)."""
+    try:
+        mode = target.stat().st_mode
+    except OSError:
+        return None
+    return next((name for test, name in _SPECIAL if test(mode)), None)
+
+
 def check_destination(path, what="file") -> Path:
-    """Fail now, with a message naming the path, if ``path`` cannot be written later: a missing
-    folder, a folder in its place, no permission. Returns the resolved destination."""
-    target = resolve(path)
+    """Fail now, with a message naming the path, if ``path`` cannot be written later: not a
+    path, a missing folder, a folder or something that is not a regular file in its place (a
+    device, a FIFO: writing would replace it), a folder where no file can be created (no
+    permission, a read-only or special file system). Returns the resolved destination."""
+    target = resolve(check_path(path, what))
     folder = target.parent
     if target.is_dir():
         raise IsADirectoryError(f"cannot write the {what} to {path}: it is a folder; give a "
                                 f"file name")
+    special = _not_a_regular_file(target)
+    if special:
+        raise ValueError(f"cannot write the {what} to {path}: it is {special}, not a regular "
+                         f"file, and writing would replace it; give a file's path")
     if not folder.is_dir():
         why = "is not a folder" if folder.exists() else "does not exist"
         raise FileNotFoundError(f"cannot write the {what} to {path}: the folder {folder} {why}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write the {what} to {path}: no permission to write in "
-                              f"{folder}")
+    try:  # the test that counts: create a file there (os.access says yes to root anywhere)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.{os.getpid()}.",
+                                     suffix=".probe")
+    except OSError as e:
+        raise PermissionError(f"cannot write the {what} to {path}: no file can be created in "
+                              f"{folder} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
     return target
 
 
@@ -104,8 +140,12 @@ def temporary_beside(path, suffix=".tmp"):
 
 
 def commit(f, tmp: Path, path) -> None:
-    """Flush ``f`` to disk and rename ``tmp`` over ``path``'s real destination."""
+    """Flush ``f`` to disk and rename ``tmp`` over ``path``'s real destination (never over
+    something that is not a regular file)."""
     target = resolve(path)
+    special = _not_a_regular_file(target)
+    if special:
+        raise ValueError(f"not replacing {path}: it is {special}, not a regular file")
     f.flush()
     os.fsync(f.fileno())
     os.replace(tmp, target)
@@ -119,7 +159,13 @@ def commit(f, tmp: Path, path) -> None:
 
 def atomic_write(path, write) -> None:
     """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it to ``path``
-    (through a symbolic link, to its target). A failure leaves the old file as it was."""
-    with temporary_beside(path) as (f, tmp):
-        write(f)
-        commit(f, tmp, path)
+    (through a symbolic link, to its target). A failure leaves the old file as it was, and an
+    OSError (a full disk) names the path."""
+    try:
+        with temporary_beside(path) as (f, tmp):
+            write(f)
+            commit(f, tmp, path)
+    except OSError as e:
+        if e.errno is None:
+            raise type(e)(f"cannot write {path}: {e}") from e
+        raise type(e)(e.errno, f"cannot write {path}: {e.strerror or e}") from e

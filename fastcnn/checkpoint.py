@@ -50,7 +50,7 @@ def write(path, net, state, optimizer_arrays, order=None, best=None):
     if order is not None:
         arrays["order"] = order
     arrays.update({f"best.{k}": a for k, a in (best or {}).items()})
-    serialize.check_destination(path)
+    atomic.check_destination(path, "checkpoint")
     atomic.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 

@@ -292,17 +292,42 @@ def cmd_train(args):
 
 
 def _check_train_outputs(args):
-    """Every path train will write is checked now, not after the training."""
+    """Every path train will write is checked now, not after the training: each can be
+    written, and no two are the same file (one would overwrite the other)."""
+    from pathlib import Path
+
     from . import atomic, history, plots, serialize
 
-    for path in (args.save, args.checkpoint):
-        if path:
-            serialize.check_destination(path)
     if args.save:
-        for path in history.paths_beside(args.save):
+        serialize.check_destination(args.save)
+    if args.checkpoint:
+        atomic.check_destination(args.checkpoint, "checkpoint")
+    outputs = []
+    if args.save:
+        json_path, csv_path = history.paths_beside(args.save)
+        for path in (json_path, csv_path):
             atomic.check_destination(path, "history")
+        outputs += [(args.save, "--save"), (json_path, "--save's history"),
+                    (csv_path, "--save's history")]
+    if args.checkpoint:
+        outputs.append((args.checkpoint, "--checkpoint"))
     if args.plot:
         plots.check_available()
+        outputs.append((args.plot, "--plot's folder"))
+        outputs += [(Path(args.plot) / name, f"--plot's {name}")
+                    for name in ("history.json", "history.csv", *plots.FILES)]
+    _refuse_collisions(outputs)
+
+
+def _refuse_collisions(outputs):
+    """``outputs``: (path, what writes it); two that are one file are a ValueError."""
+    seen = {}
+    for path, what in outputs:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise ValueError(f"{seen[real]} and {what} would both write {path}: give each "
+                             f"its own path")
+        seen[real] = what
 
 
 def _train_data(args):
@@ -560,6 +585,7 @@ def cmd_bench(args):
     for path in (args.json, args.plot):  # before the benchmark, not after it
         if path:
             atomic.check_destination(path, "results")
+    _refuse_collisions([(p, f) for p, f in ((args.json, "--json"), (args.plot, "--plot")) if p])
     if args.plot:
         try:
             import matplotlib  # noqa: F401

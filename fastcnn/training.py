@@ -15,7 +15,7 @@ import zlib
 
 import numpy as np
 
-from . import backend, checkpoint, serialize, threads
+from . import atomic, backend, checkpoint, threads
 from .checkpoint import HISTORY_KEYS
 from .distributed import SingleProcess, resolve
 from .kernels import _contract
@@ -497,8 +497,14 @@ def fit_network(net, x, y, epochs, batch_size, lr, validation_data, shuffle, see
         early_stopping = _contract.check_int("early_stopping", early_stopping, 1)
         if validation_data is None:
             raise ValueError("early_stopping watches the validation loss: pass validation_data")
+    if net.gradient_hook is not None and not callable(net.gradient_hook):
+        raise TypeError(f"net.gradient_hook must be a function called as hook(net), or None; "
+                        f"got {net.gradient_hook!r}")
+    if checkpoint is not None:
+        atomic.check_destination(checkpoint, "checkpoint")
     state = arrays = None
     if resume is not None:
+        atomic.check_path(resume, "checkpoint to resume from")
         state, arrays = _resume_into(net, resume)
         if optimizer is None and lr is None:
             optimizer = optimizer_from_record(state["optimizer"])
@@ -512,8 +518,6 @@ def fit_network(net, x, y, epochs, batch_size, lr, validation_data, shuffle, see
     net.check_data(x, y)
     _check_validation_data(net, validation_data)
     net.check_parameters()
-    if checkpoint is not None:
-        serialize.check_destination(checkpoint)
     if len(x) < dp.size:
         raise ValueError(f"{len(x)} training images for {dp.size} processes: each needs at "
                          "least one")
