@@ -27,6 +27,7 @@ Rank 0 alone prints, evaluates the test set, writes checkpoints, the model and i
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -154,6 +155,23 @@ class DataParallel:
         self.comm.Allreduce(self.MPI.IN_PLACE, out, op=self.MPI.SUM)
         return out
 
+    def check_agreement(self, run):
+        """Every rank must train the same run: ``run`` (a JSON-able dict of what defines it:
+        model, data size, recipe, epochs, seed, ...) is gathered from all ranks in one small
+        collective, and where any differs, every rank raises the same ValueError naming what
+        differs and on which ranks (ranks launched with different flags would otherwise train
+        apart, abort inside MPI, or wait forever)."""
+        runs = self.comm.allgather(json.dumps(run, sort_keys=True, default=str))
+        runs = [json.loads(r) for r in runs]
+        differ = [key for key in runs[0] if any(r.get(key) != runs[0][key] for r in runs[1:])]
+        if differ:
+            shown = "; ".join(
+                f"{key}: " + ", ".join(f"{r.get(key)} on rank {i}" for i, r in enumerate(runs)
+                                       if i == 0 or r.get(key) != runs[0][key])
+                for key in differ)
+            raise ValueError(f"the {self.size} processes of this job were not started alike: "
+                             f"{shown}. Start every rank with the same settings")
+
     def combine(self, means, count, sums=()):
         """``(means, sums)`` over the whole job, in one collective: ``means`` (this rank's
         averages over its ``count`` items) averaged with each rank's weight its count, ``sums``
@@ -206,6 +224,9 @@ class SingleProcess:
         pass
 
     def allreduce_gradients(self, net, weight):
+        pass
+
+    def check_agreement(self, run):
         pass
 
     def combine(self, means, count, sums=()):

@@ -7,6 +7,8 @@ from exactly. One loop serves one process and the K processes of a distributed r
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import signal
 import sys
 import threading
@@ -486,6 +488,26 @@ def _check_validation_data(net, validation_data):
     net.check_data(*validation_data, what="validation_data")
 
 
+def _run_definition(net, x, y, epochs, batch_size, optimizer, schedule, validation_data,
+                    shuffle, seed, early_stopping, state):
+    """What every process of a distributed run must agree on, as short JSON-able values."""
+    def data(x, y):
+        f = _fingerprint(x, y)
+        return (f"{f['n']} images of {f['dtype']} {f['shape']}, labels' CRC-32 "
+                f"{f['labels_crc32']:08x}")
+
+    layers = json.dumps([[type(layer).__name__, layer.config()] for layer in net.layers])
+    return {"model": f"{len(net.layers)} layers, {net.num_params():,} parameters",
+            "architecture": hashlib.sha256(layers.encode()).hexdigest()[:12],
+            "dtype": str(net.dtype), "backend": backend.get_backend(),
+            "data": data(x, y), "validation data": validation_data and data(*validation_data),
+            "epochs": epochs,
+            "batch_size": batch_size, "shuffle": bool(shuffle), "seed": seed,
+            "optimizer": repr(optimizer), "schedule": repr(schedule),
+            "early_stopping": early_stopping,
+            "resumed at": None if state is None else [state["epoch"], state["batch"]]}
+
+
 def fit_network(net, x, y, epochs, batch_size, lr, validation_data, shuffle, seed, verbose,
                 optimizer, schedule, checkpoint, resume, early_stopping, run_info=None,
                 distributed=None):
@@ -521,6 +543,8 @@ def fit_network(net, x, y, epochs, batch_size, lr, validation_data, shuffle, see
     if len(x) < dp.size:
         raise ValueError(f"{len(x)} training images for {dp.size} processes: each needs at "
                          "least one")
+    dp.check_agreement(_run_definition(net, x, y, epochs, batch_size, optimizer, schedule,
+                                       validation_data, shuffle, seed, early_stopping, state))
     seed = dp.shared_seed(seed)  # the same shuffled order on every rank
     if state is None and dp.size > 1:
         for i, layer in enumerate(net.layers):  # masks differ between the ranks' shards

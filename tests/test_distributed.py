@@ -150,3 +150,42 @@ def test_errors_every_rank_meets_are_told_once(tmp_path):
                  cwd=tmp_path, timeout=120)
     assert run.returncode != 0
     assert run.stderr.count("add --distributed") == 1, run.stderr
+
+
+def mpirun_each(*per_rank, cwd=None, timeout=120):
+    """mpirun of one process per argument list (MPMD: rank i runs ``per_rank[i]``)."""
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    command = [MPIRUN, "--oversubscribe"]
+    for i, args in enumerate(per_rank):
+        command += ([":"] if i else []) + ["-n", "1", sys.executable, "-m", "fastcnn.cli",
+                                           "train", "--distributed", "--epochs", "1", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env=env)
+
+
+@needs_mpi
+@pytest.mark.parametrize("rank0, rank1, message", [
+    # these trained apart and both exited 0
+    (["--seed", "0"], ["--seed", "1"], "seed: 0 on rank 0, 1 on rank 1"),
+    (["--optimizer", "sgd"], ["--optimizer", "adam", "--lr", "0.05"],
+     "optimizer: SGD(lr=0.05, momentum=0.0, nesterov=False, weight_decay=0.0) on rank 0, "
+     "Adam(lr=0.05"),
+    # this aborted inside MPI_Allreduce with a C backtrace
+    (["--model", "simple"], ["--model", "complex"], "model: 5 layers, 15,770 parameters on rank "
+                                                    "0, 14 layers, 467,818 parameters on rank 1"),
+    # this left rank 0 waiting forever
+    (["--epochs", "1"], ["--epochs", "2"], "epochs: 1 on rank 0, 2 on rank 1"),
+    # these ended with MPI_ERR_TRUNCATE
+    (["--limit", "300"], ["--limit", "400"], "data: 270 images of uint8 [1, 28, 28], labels' "
+                                             "CRC-32"),
+    (["--batch-size", "10"], ["--batch-size", "20"], "batch_size: 10 on rank 0, 20 on rank 1"),
+])
+def test_ranks_started_with_other_settings_end_the_job_saying_what_differs(tmp_path, rank0,
+                                                                           rank1, message):
+    common = ["--limit", "300"] if "--limit" not in rank0 else []
+    run = mpirun_each([*common, *rank0], [*common, *rank1], cwd=tmp_path)
+    assert run.returncode != 0
+    assert run.stderr.count("fastcnn: error") == 1, run.stderr
+    assert "the 2 processes of this job were not started alike" in run.stderr, run.stderr
+    assert message in run.stderr, run.stderr
+    assert "epoch 1/" not in run.stdout  # before any training
