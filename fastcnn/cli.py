@@ -246,7 +246,7 @@ def _add_train_parser(subparsers):
 def cmd_train(args):
     import time
 
-    from . import backend, models, threads
+    from . import backend, datasets, models, threads
 
     resumed = state = None
     if args.resume:
@@ -266,6 +266,8 @@ def cmd_train(args):
         net = models.build(args.model, dtype=args.dtype, seed=args.seed)
         opt, schedule = _optimizer_and_schedule(args, -(-len(x_train) // args.batch_size))
         done = ""
+    # saved with the model (and its checkpoints): what its outputs mean
+    net.dataset, net.class_names = args.dataset, datasets.class_names(args.dataset)
     if args.plot and dp.is_root:
         _check_folder(args.plot)
     held_out = f", {len(val[0])} validation" if val else ""
@@ -457,7 +459,7 @@ def cmd_plot(args):
     _apply_compute_args(args)
     net = ConvNet.load(args.model)
     record, config = _history_beside(args.model, args.history)
-    dataset = args.dataset or config.get("dataset") or "mnist-sample"
+    dataset = args.dataset or net.dataset or config.get("dataset") or "mnist-sample"
     data_dir = args.data_dir or config.get("data_dir")
     _, (x_test, y_test) = datasets.load(dataset, data_dir, raw=True)
     x_test, y_test = x_test[: args.test_limit], y_test[: args.test_limit]
@@ -500,15 +502,16 @@ def cmd_predict(args):
 
     _apply_compute_args(args)
     net = ConvNet.load(args.model)
-    _, config = _history_beside(args.model)
-    dataset = config.get("dataset")
+    dataset, names = net.dataset, net.class_names
+    if dataset is None:  # a model file of an earlier version: its history may say
+        dataset = _history_beside(args.model)[1].get("dataset")
+        if names is None and dataset in datasets.CLASS_NAMES:
+            names = datasets.class_names(dataset)
     if args.classes:
         names = [n.strip() for n in args.classes.split(",")]
         if len(names) != net.num_classes():
             raise ValueError(f"--classes names {len(names)} classes, the model has "
                              f"{net.num_classes()}")
-    else:
-        names = datasets.class_names(dataset) if dataset in datasets.CLASS_NAMES else None
     style = args.style or ("fashion" if dataset == "fashion-mnist" else "digit")
     invert = {"auto": "auto", "yes": True, "no": False}[args.invert]
     for image in args.images:

@@ -24,11 +24,15 @@ class ConvNet:
 
     ``input_shape`` is the per-sample shape (C, H, W). When given, every ``add`` checks that the
     new layer fits what comes before it; otherwise the check runs on the first batch.
+    ``dataset`` (the name of what it was trained on) and ``class_names`` (one name per class)
+    are saved with the model, so that a model file says what its outputs mean.
     """
 
     def __init__(self, layers=None, input_shape=None):
         self.layers: list[Layer] = []
         self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
+        self.dataset: str | None = None
+        self.class_names: tuple[str, ...] | None = None
         self.loss = SoftmaxCrossEntropy()
         self.gradient_hook = None  # called as hook(net) between backward and the optimizer step
         for layer in layers or ():

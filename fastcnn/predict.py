@@ -11,18 +11,25 @@ instead (``style="fashion"``); ``style="none"`` only scales the whole picture to
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 STYLES = ("digit", "fashion", "none")
-MAX_PIXELS = 40_000_000  # refuse bigger pictures before decoding them (a 40-megapixel photo)
+# Pictures are refused before they are decoded when larger than this: a 24-megapixel camera's
+# photo fits, and reading one takes about 1 GB at its peak. A side longer than MAX_SIDE is
+# refused too (a 3 x 13,000,000 strip is within MAX_PIXELS but not a picture of anything).
+MAX_PIXELS = 25_000_000
+MAX_SIDE = 30_000
 
 
 def read_gray(path):
-    """The picture at ``path`` as a (H, W) float32 array in [0, 1], 1 = white."""
+    """The picture at ``path`` as a (H, W) float32 array in [0, 1], 1 = white: turned upright
+    as its EXIF orientation says, transparent pixels on white, every bit of a 16- or 32-bit
+    grey picture kept. Its size is checked before it is decoded."""
     try:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image, ImageOps, UnidentifiedImageError
     except ImportError as e:
         raise ImportError('reading picture files needs Pillow: pip install -e ".[image]" (or '
                           "pip install Pillow)") from e
@@ -30,22 +37,53 @@ def read_gray(path):
     if not path.is_file():
         raise FileNotFoundError(f"no picture at {path}")
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
+            im = Image.open(path)
+        with im:
             w, h = im.size
-            if w * h > MAX_PIXELS:
-                raise ValueError(f"{path} is {w}x{h} pixels, more than the {MAX_PIXELS:,} "
-                                 "fastcnn reads; scale it down first")
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                # transparent pixels count as the background: composite on white
-                rgba = im.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(white, rgba)
-            gray = np.asarray(im.convert("L"), dtype=np.float32) / 255
+            if w * h > MAX_PIXELS or max(w, h) > MAX_SIDE:
+                raise ValueError(f"{path} is {w}x{h} pixels; fastcnn reads pictures of at most "
+                                 f"{MAX_PIXELS:,} pixels and {MAX_SIDE:,} on a side: scale it "
+                                 "down first")
+            gray = _gray(ImageOps.exif_transpose(im), path)
+    except Image.DecompressionBombError as e:  # Pillow's own limit, met while opening
+        raise ValueError(f"{path} is larger than fastcnn reads (at most {MAX_PIXELS:,} pixels "
+                         f"and {MAX_SIDE:,} on a side): {e}") from None
     except UnidentifiedImageError:
         raise ValueError(f"{path} is not a picture Pillow can read (PNG, JPEG, ...)") from None
     except (OSError, SyntaxError) as e:  # truncated or corrupt files
         raise ValueError(f"{path} could not be read as a picture: {e}") from None
     return gray
+
+
+def _gray(im, path):
+    """A decoded picture as grey floats in [0, 1]."""
+    from PIL import Image
+
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):  # 16-bit PNG, 32-bit TIFF, ...
+        a = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise ValueError(f"{path} holds NaN or infinite pixel values")
+        return _unit_range(a, 65535 if im.mode.startswith("I;16") else None).astype(np.float32)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        # transparent pixels count as the background: composite on white
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)
+    return np.asarray(im.convert("L"), dtype=np.float32) / 255
+
+
+def _unit_range(a, top=None):
+    """Values of a deep grey picture in [0, 1]: divided by its format's white (``top``), or by
+    the first of 1, 255, 65535 that holds them all; values outside those, stretched from their
+    least to their largest."""
+    lo, hi = float(a.min()), float(a.max())
+    if top is None:
+        top = next((t for t in (1, 255, 65535) if lo >= 0 and hi <= t), None)
+    if top is not None:
+        return a / top
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
 
 
 def _resize_area(img, out_h, out_w):
@@ -138,7 +176,12 @@ def top_classes(net, image, class_names=None, top=3, style="digit", invert="auto
     """The ``top`` most likely classes for one picture (a path, or a grey array) as a list of
     (class index, class name, probability), most likely first."""
     gray = read_gray(image) if isinstance(image, str | Path) else image
-    x = to_model_input(gray, style=style, invert=invert)
+    try:
+        x = to_model_input(gray, style=style, invert=invert)
+    except ValueError as e:
+        if not isinstance(image, str | Path):
+            raise
+        raise ValueError(f"{image}: {e}") from None
     if net.input_shape is not None and tuple(net.input_shape) != x.shape:
         raise ValueError(f"the model expects inputs of shape {tuple(net.input_shape)}, the "
                          f"prepared picture is {x.shape}")

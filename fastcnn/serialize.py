@@ -65,6 +65,10 @@ def model_arrays(net, extra_records=None):
             arrays[f"layer{i}.{key}"] = a
     arch = {"format": FORMAT, "version": VERSION, "input_shape": net.input_shape, "layers": layers,
             **(extra_records or {})}
+    if net.dataset is not None:
+        arch["dataset"] = net.dataset
+    if net.class_names is not None:
+        arch["class_names"] = list(net.class_names)
     arrays["architecture"] = np.frombuffer(json.dumps(arch).encode(), dtype=np.uint8)
     return arrays
 
@@ -145,8 +149,25 @@ def _load(cls, path, read_extra):
         net.num_classes()
     except ValueError as e:
         raise Invalid(str(e)) from None
+    net.dataset, net.class_names = _labels(arch, net.num_classes())
     net.eval()  # a loaded model infers until told to train
     return net if read_extra is None else (net, result)
+
+
+def _labels(arch, classes):
+    """(dataset, class names) from the record, each None where the file has none (files of
+    earlier versions)."""
+    dataset, names = arch.get("dataset"), arch.get("class_names")
+    if dataset is not None and (not isinstance(dataset, str) or not 0 < len(dataset) <= 200):
+        raise Invalid(f"its dataset must be a name of 1 to 200 characters, got "
+                      f"{str(dataset)[:60]!r}")
+    if names is not None:
+        if not isinstance(names, list) or len(names) != classes or not all(
+                isinstance(n, str) and 0 < len(n) <= 200 for n in names):
+            raise Invalid(f"its class_names must be {classes} names (one per class, 1 to 200 "
+                          f"characters each), got {str(names)[:80]}")
+        names = tuple(names)
+    return dataset, names
 
 
 def _check_directory(z, file_size):

@@ -2,6 +2,7 @@
 with what they show; and the history files they read."""
 
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -109,6 +110,37 @@ def test_history_files_round_trip_and_refuse_what_they_are_not(trained, tmp_path
         bad.write_text(text)
         with pytest.raises(ValueError, match=message):
             history.load(bad)
+
+
+H = '{"format": "fastcnn-history", "epochs": 2, '
+
+
+@pytest.mark.parametrize("text, message", [
+    # each of these gave a matplotlib or Python message without the file's name
+    (H + '"loss": [NaN, 0.5], "accuracy": [0.5, 0.6]}', "not JSON: NaN is not a number JSON "
+                                                        "allows"),
+    (H + '"loss": [Infinity, 0.5], "accuracy": [0.5, 0.6]}', "Infinity is not a number"),
+    (H + '"loss": [null, null], "accuracy": [0.5, 0.6]}', "'loss' must be a list of numbers"),
+    (H + '"loss": [0.9, 0.5], "accuracy": [0.5]}', "'accuracy' has 1 entries, the history has 2"),
+    (H + '"loss": [0.9, 0.5], "accuracy": [0.5, 1.5]}', "'accuracy' must be a list of numbers "
+                                                        ">= 0 and <= 1"),
+    (H + '"loss": [0.9, 0.5], "accuracy": [0.5, 0.6], "config": {"dataset": 7}}',
+     "config 'dataset' must be a name, got '7'"),
+    ("[" * 100_000 + "]" * 100_000, "its JSON is nested too deeply"),
+])
+def test_a_damaged_history_file_is_named_with_what_is_wrong(tmp_path, text, message):
+    bad = tmp_path / "run.history.json"
+    bad.write_text(text)
+    with pytest.raises(ValueError, match=f"{bad}.*{re.escape(message)}"):
+        history.load(bad)
+
+
+def test_a_history_file_too_large_to_be_one_is_refused_unread(tmp_path, monkeypatch):
+    monkeypatch.setattr(history, "MAX_BYTES", 100)
+    big = tmp_path / "big.json"
+    big.write_text(H + '"loss": [' + ", ".join(["0.5"] * 50) + "]}")
+    with pytest.raises(ValueError, match="larger than a fastcnn history file can be"):
+        history.load(big)
 
 
 def test_fastcnn_plot_and_train_plot_from_the_command_line(tmp_path):

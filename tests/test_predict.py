@@ -136,3 +136,133 @@ def test_unreadable_pictures_are_one_error_line(model_and_photos, tmp_path):
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 1 and message in run.stderr, run.stderr
         assert run.stderr.count("\n") == 1
+
+
+def a_digit_photo(x_test, i=0):
+    """Real test digit ``i`` as a photo in [0, 1]: dark pen on light paper, upscaled 4x."""
+    digit = np.kron(x_test[i, 0] / 255, np.ones((4, 4)))
+    return np.clip(0.9 - 0.8 * np.pad(digit, 10), 0, 1)
+
+
+@needs_pillow
+@pytest.mark.parametrize("depth", ["png16", "tiff32", "tiff-float"])
+def test_deep_grey_pictures_keep_their_grey_levels(model_and_photos, tmp_path, depth):
+    """A 16-bit PNG was clipped to two grey levels (it answered '2 57.7%' where the 8-bit
+    picture gives '6 99.9%'); 32-bit TIFFs likewise."""
+    from PIL import Image
+
+    _, net, _, x_test, _ = model_and_photos
+    photo = a_digit_photo(x_test)
+    Image.fromarray((photo * 255).round().astype(np.uint8)).save(tmp_path / "eight.png")
+    deep = {"png16": ((photo * 65535).round().astype(np.uint16), "png"),
+            "tiff32": ((photo * 65535).round().astype(np.int32), "tif"),
+            "tiff-float": (photo.astype(np.float32), "tif")}
+    array, suffix = deep[depth]
+    Image.fromarray(array).save(tmp_path / f"deep.{suffix}")
+    gray = predict.read_gray(tmp_path / f"deep.{suffix}")
+    assert gray.dtype == np.float32 and len(np.unique(gray)) > 50
+    np.testing.assert_allclose(gray, predict.read_gray(tmp_path / "eight.png"), atol=1 / 255)
+    assert predict.top_classes(net, tmp_path / f"deep.{suffix}", top=1)[0][0] == \
+        predict.top_classes(net, tmp_path / "eight.png", top=1)[0][0]
+
+
+@needs_pillow
+def test_a_photo_is_turned_upright_as_its_exif_says(model_and_photos, tmp_path):
+    """A phone stores a portrait photo sideways with an EXIF orientation; it was read sideways
+    ('9 99.4%' for an upright 6)."""
+    from PIL import Image
+
+    _, _, _, x_test, _ = model_and_photos
+    upright = Image.fromarray((a_digit_photo(x_test) * 255).round().astype(np.uint8))
+    upright.save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to show it"
+    upright.rotate(90, expand=True).save(tmp_path / "sideways.jpg", exif=exif, quality=95)
+    got, want = (predict.read_gray(tmp_path / n) for n in ("sideways.jpg", "upright.png"))
+    assert got.shape == want.shape
+    assert np.abs(got - want).mean() < 0.02  # JPEG's loss only
+
+
+@needs_pillow
+def test_huge_pictures_are_refused_before_they_are_decoded(tmp_path):
+    """A 38 KB PNG of 3 x 13,000,000 pixels took 13.8 s and 4.7 GB."""
+    import zlib
+
+
+    def png(path, w, h):  # a grey PNG of w x h zeros, written without holding the pixels
+        import struct
+
+        def chunk(kind, data):
+            body = kind + data
+            return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+        raw = zlib.compress(b"\0" * ((w + 1) * h), 9)
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8,
+                                                                             0, 0, 0, 0))
+                         + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+        return path
+
+    strip = png(tmp_path / "strip.png", 13_000_000, 3)
+    assert strip.stat().st_size < 100_000
+    with pytest.raises(ValueError, match=r"strip.png is 13000000x3 pixels; fastcnn reads "
+                                         r"pictures of at most 25,000,000 pixels and 30,000 on a"):
+        predict.read_gray(strip)
+    big = png(tmp_path / "big.png", 6_000, 6_000)
+    with pytest.raises(ValueError, match="big.png is 6000x6000 pixels"):
+        predict.read_gray(big)
+    # past Pillow's own bomb limit, which refuses it while opening: the file is named too
+    bomb = png(tmp_path / "bomb.png", 20_000, 20_000)
+    with pytest.raises(ValueError, match="bomb.png is larger than fastcnn reads .*bomb"):
+        predict.read_gray(bomb)
+
+
+@needs_pillow
+def test_a_blank_picture_among_several_is_named(model_and_photos, tmp_path):
+    from PIL import Image
+
+    folder, _, photos, _, _ = model_and_photos
+    Image.fromarray(np.full((50, 50), 200, np.uint8)).save(tmp_path / "blank.png")
+    run = subprocess.run([sys.executable, "-m", "fastcnn.cli", "predict", str(folder / "m.npz"),
+                          str(photos[1]), str(tmp_path / "blank.png")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    assert f"{tmp_path / 'blank.png'}: the picture holds no ink" in run.stderr, run.stderr
+
+
+def test_a_model_file_says_what_its_classes_are(tmp_path):
+    """The dataset and class names travel in the model file: a history file beside it that
+    names another dataset made predict answer 'Trouser 93.5%' for a digit."""
+    import json
+
+    from fastcnn import ConvNet
+
+    net = models.build("simple")
+    net.dataset, net.class_names = "mnist", datasets.class_names("mnist")
+    net.save(tmp_path / "m.npz")
+    back = ConvNet.load(tmp_path / "m.npz")
+    assert back.dataset == "mnist" and back.class_names == datasets.class_names("mnist")
+    (tmp_path / "m.history.json").write_text(json.dumps(
+        {"format": "fastcnn-history", "epochs": 0, "config": {"dataset": "fashion-mnist"}}))
+    image = tmp_path / "seven.npy"
+    np.save(image, synthetic_seven(False))
+    code = ("import sys, numpy as np; from fastcnn import cli, predict\n"
+            "predict.read_gray = lambda p: np.load(p)\n"
+            "sys.exit(cli.main(['predict', sys.argv[1], sys.argv[2], '--top', '10']))")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.npz"), str(image)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "Trouser" not in run.stdout and all(f"{d} " in run.stdout for d in "0123456789")
+    simple = models.build("simple")
+    simple.save(tmp_path / "plain.npz")
+    assert ConvNet.load(tmp_path / "plain.npz").class_names is None  # none given, none made up
+    for bad, message in [({"dataset": 5}, "its dataset must be a name"),
+                         ({"class_names": ["a", "b"]}, "its class_names must be 10 names")]:
+        with np.load(tmp_path / "m.npz") as z:
+            arrays = {k: z[k] for k in z.files}
+        arch = json.loads(arrays["architecture"].tobytes())
+        arch.update(bad)
+        arrays["architecture"] = np.frombuffer(json.dumps(arch).encode(), np.uint8)
+        np.savez(tmp_path / "bad.npz", **arrays)
+        with pytest.raises(ValueError, match=f"bad.npz is not a valid fastcnn model file: "
+                                             f"{message}"):
+            ConvNet.load(tmp_path / "bad.npz")
