@@ -37,8 +37,8 @@ _PER_EPOCH = ("loss", "accuracy", "seconds", "images_per_second", "threads")
 _VALIDATION = ("val_loss", "val_accuracy")
 _RECORD_KEYS = {"epoch", "batch", "steps", "epochs", "batch_size", "shuffle", "optimizer",
                 "schedule", "rng", "layer_rngs", "history", "partial", "watch", "patience",
-                "stopped_early", "best", "data", "run", "processes"}
-_OPTIONAL_KEYS = {"run", "processes"}  # absent from checkpoints of earlier versions
+                "stopped_early", "best", "data", "run", "processes", "batches"}
+_OPTIONAL_KEYS = {"run", "processes", "batches"}  # absent from checkpoints of earlier versions
 
 
 def write(path, net, state, optimizer_arrays, order=None, best=None):
@@ -64,8 +64,10 @@ def read(cls, path):
 
 
 def batches_per_epoch(state):
-    """Global batches in one epoch of the run that wrote ``state``."""
-    return -(-state["data"]["n"] // (state["batch_size"] * state.get("processes", 1)))
+    """Global batches in one epoch of the run that wrote ``state`` (one fewer than the images
+    make when a last batch too small for the model was folded into the one before)."""
+    full = -(-state["data"]["n"] // (state["batch_size"] * state.get("processes", 1)))
+    return state.get("batches", full)
 
 
 def _read_rest(z, arch, members, net):
@@ -135,9 +137,13 @@ def _check_record(state, net):
                       f"its checkpoint record lacks {', '.join(sorted(missing))}")
     epochs = _int(state, "epochs", 1)
     _int(state, "batch_size", 1)
-    _int(state, "processes", 1) if "processes" in state else None
+    if "processes" in state:
+        _int(state, "processes", 1)
     _typed(state, "shuffle", bool)
     _check_data(state, net)
+    if "batches" in state:
+        full = -(-state["data"]["n"] // (state["batch_size"] * state.get("processes", 1)))
+        _int(state, "batches", max(1, full - 1), full)
     steps_per_epoch = batches_per_epoch(state)
     epoch = _int(state, "epoch", 0, epochs)
     batch = _int(state, "batch", 0, steps_per_epoch - 1)

@@ -63,6 +63,10 @@ class Layer:
     def output_shape(self, shape):
         return tuple(shape)
 
+    def min_batch_size(self, shape):
+        """The fewest images a training batch of per-sample inputs ``shape`` can hold."""
+        return 1
+
     @classmethod
     def param_specs(cls, **config):
         """{key: (shape, dtype)} of the parameters a layer built from ``config`` would have,
@@ -319,6 +323,10 @@ class _BatchNorm(Layer):
             raise ValueError(f"{self!r} expects input {want} with C={self.channels}, got "
                              f"{tuple(shape)}")
         return tuple(shape)
+
+    def min_batch_size(self, shape):
+        # the batch's statistics need two values per channel: two images when each holds one
+        return 2 if int(np.prod(shape[1:])) == 1 else 1
 
     def forward(self, x):
         self._shape = x.shape

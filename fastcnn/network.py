@@ -66,6 +66,13 @@ class ConvNet:
             shapes.append(shape)
         return shapes
 
+    def min_batch_size(self):
+        """The fewest images a training batch can hold: 2 where a layer normalises each channel
+        over the batch alone (BatchNorm of one value per channel per image), else 1."""
+        shapes = [self.input_shape, *self.output_shapes()[:-1]]
+        return max(layer.min_batch_size(shape)
+                   for layer, shape in zip(self.layers, shapes, strict=True))
+
     def num_classes(self):
         """K, the length of the class-score vector the last layer gives per image; a network
         with no layers, or one whose last layer gives something else, is a ValueError."""
@@ -277,6 +284,10 @@ class ConvNet:
         processes under ``mpirun``: each takes its shard of every global batch of K x batch_size
         images and the gradients are averaged before every step (see fastcnn.distributed);
         rank 0 alone prints and writes the checkpoint.
+
+        Batches hold ``batch_size`` images, the last one of an epoch the rest; where that rest
+        is too small for the model (BatchNorm of one value per channel needs two images) it is
+        trained with the batch before it, and the epoch has one batch fewer (verbose says so).
 
         Everything is checked before the first batch: images holding NaN or inf are a ValueError
         naming their indices. Training that goes wrong stops with ``TrainingDiverged`` (a

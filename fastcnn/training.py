@@ -156,6 +156,20 @@ def _progress(total, desc, verbose):
                 dynamic_ncols=True, mininterval=0.25)
 
 
+def _batch_starts(n, batch_size, dp, net):
+    """(where each global batch of an epoch starts, then n; the size of a last batch folded
+    into the one before, or 0). The last batch is folded in when a process's shard of it would
+    hold fewer images than the model can train on (BatchNorm of one value per channel needs
+    two), and it is not the only batch."""
+    per_step = batch_size * dp.size
+    starts = list(range(0, n, per_step))
+    last = n - starts[-1]
+    shards = [len(s) for s in np.array_split(np.arange(last), dp.size) if len(s)]
+    if len(starts) > 1 and min(shards) < net.min_batch_size():
+        return starts[:-1] + [n], last
+    return starts + [n], 0
+
+
 def _fingerprint(x, y):
     """What identifies the training data cheaply: its size and the labels' CRC-32."""
     return {"n": int(len(x)), "shape": list(x.shape[1:]), "dtype": str(x.dtype),
@@ -209,6 +223,7 @@ class Trainer:
         self.best = None  # early stopping: {"loss", "epoch", "arrays"}
         self.run_info = run_info  # the caller's own record (the CLI's settings)
         self.stopped_early = False
+        self.starts, self.folded = _batch_starts(len(x), batch_size, self.dp, net)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -220,7 +235,14 @@ class Trainer:
         numba = backend.get_backend() == "numba"
         self.tuner = threads.Tuner(enabled=numba and dp.size == 1)
         self.compile_step = self.steps if numba and verbose else None  # this run's first
-        buf = np.empty((min(self.batch_size, len(self.x)),) + self.x.shape[1:], net.dtype)
+        largest = -(-int(np.diff(self.starts).max()) // dp.size)  # array_split's first shard
+        buf = np.empty((largest,) + self.x.shape[1:], net.dtype)
+        if self.folded and verbose:
+            many = "s" if self.folded > 1 else ""
+            print(f"note: the last {self.folded} image{many} of an epoch would make a batch too "
+                  f"small for the model's BatchNorm statistics (at least "
+                  f"{net.min_batch_size()} images for each process): they are trained with "
+                  f"the batch before", flush=True)
         hook = net.gradient_hook
         self.averaging = net.gradient_hook = _Averaging(dp, hook)
         try:
@@ -242,8 +264,7 @@ class Trainer:
     def _epoch(self, interrupts, buf, verbose, checkpoint):
         """The rest of the epoch under way (all of a new one), then its end: validation, early
         stopping, the epoch line, the checkpoint (rank 0 writes it)."""
-        n, dp = len(self.x), self.dp
-        per_step = self.batch_size * dp.size  # the global batch
+        n, dp, starts = len(self.x), self.dp, self.starts
         epoch = self.epoch + 1
         if self.order is None:  # a new epoch (a resumed one keeps its saved order)
             self.order = self.rng.permutation(n) if self.shuffle else np.arange(n)
@@ -256,11 +277,11 @@ class Trainer:
         # so that every rank stops at the same batch boundary
         _, (stop,) = dp.combine([], 0, [interrupts.requested])
         try:
-            for b in range(self.batch, -(-n // per_step)):
+            for b in range(self.batch, len(starts) - 1):
                 if stop:
                     self.partial["seconds"] += time.perf_counter() - start
                     self._interrupted(checkpoint if dp.is_root else None)
-                every = self.order[b * per_step : (b + 1) * per_step]
+                every = self.order[starts[b] : starts[b + 1]]
                 stop = self._step(b, every, buf, interrupts)
                 bar.update(len(every))
                 if b % 20 == 0:
@@ -392,6 +413,7 @@ class Trainer:
                                                    "epoch": self.best["epoch"]},
             "data": _fingerprint(self.x, self.y), "run": self.run_info,
             "processes": self.dp.size,  # batches count K x batch_size images
+            "batches": len(self.starts) - 1,  # a last batch too small is folded in
         }
         # the order, once drawn, is saved: the generator has moved past it
         checkpoint.write(path, net, state, opt_arrays, self.order,
@@ -413,6 +435,10 @@ class Trainer:
         if state.get("processes", 1) != self.dp.size:
             raise ValueError(f"{path} was written by a run of {state.get('processes', 1)} "
                              f"processes; resume it with as many (this is {self.dp.size})")
+        if checkpoint.batches_per_epoch(state) != len(self.starts) - 1:
+            raise ValueError(f"{path} was written by a run of "
+                             f"{checkpoint.batches_per_epoch(state)} batches an epoch, this one "
+                             f"has {len(self.starts) - 1}")
         if state["patience"] is not None and self.validation_data is None:
             raise ValueError(f"{path} was written by a run with early stopping: resume it "
                              "with validation_data")

@@ -152,6 +152,11 @@ def check_shape4(name, shape):
     return tuple(check_int(name, s, 1) for s in shape)
 
 
+# The most values one array of a kernel call may hold (8 GiB of float32): a padding or a shape
+# past it is a mistake, refused before anything is allocated.
+MAX_VALUES = 1 << 31
+
+
 def conv_output_size(h, w, kh, kw, stride, pad):
     """Output (OH, OW) of a convolution; a window that does not fit is a ValueError."""
     oh = (h + 2 * pad - kh) // stride + 1
@@ -161,6 +166,18 @@ def conv_output_size(h, w, kh, kw, stride, pad):
             f"kernel {kh}x{kw} does not fit input {h}x{w} with padding {pad}"
         )
     return oh, ow
+
+
+def check_conv_size(n, c, h, w, f, oh, ow, pad):
+    """The padded input (N, C, H + 2 pad, W + 2 pad) and the output (N, F, OH, OW) within
+    MAX_VALUES; else a ValueError naming the padding and the shapes."""
+    for what, shape in (("the padded input", (n, c, h + 2 * pad, w + 2 * pad)),
+                        ("the output", (n, f, oh, ow))):
+        values = n * int(np.prod(shape[1:], dtype=object))
+        if values > MAX_VALUES:
+            raise ValueError(f"{what} would be {shape}: {values:,} values, more than a kernel "
+                             f"call takes ({MAX_VALUES:,}); check the padding ({pad}) and the "
+                             "shapes")
 
 
 def pool_output_size(h, w, size, stride):
@@ -182,6 +199,7 @@ def check_conv_forward(x, w, b, stride, pad):
     stride = check_int("stride", stride, 1)
     pad = check_int("pad", pad, 0)
     oh, ow = conv_output_size(h, wd, kh, kw, stride, pad)
+    check_conv_size(n, c, h, wd, f, oh, ow, pad)
     return stride, pad, (n, f, oh, ow)
 
 
@@ -193,6 +211,7 @@ def check_conv_grad_weight(x, dy, kernel_size, stride, pad):
     pad = check_int("pad", pad, 0)
     n, c, h, w = x.shape
     oh, ow = conv_output_size(h, w, kh, kw, stride, pad)
+    check_conv_size(n, c, h, w, dy.shape[1], oh, ow, pad)
     if dy.shape[0] != n or dy.shape[2:] != (oh, ow):
         raise ValueError(
             f"dy has shape {dy.shape} but x {x.shape} with a {kh}x{kw} kernel, stride {stride}, "
@@ -212,6 +231,7 @@ def check_conv_grad_input(dy, w, input_shape, stride, pad):
     if wc != c:
         raise ValueError(f"w {w.shape} does not match input_shape {input_shape} channels")
     oh, ow = conv_output_size(h, wd, kh, kw, stride, pad)
+    check_conv_size(n, c, h, wd, f, oh, ow, pad)
     if dy.shape != (n, f, oh, ow):
         raise ValueError(f"dy must have shape {(n, f, oh, ow)}, got {dy.shape}")
     return input_shape, stride, pad

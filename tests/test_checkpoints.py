@@ -186,3 +186,22 @@ def test_ctrl_c_between_epochs_resumes_exactly(data, tmp_path, recipe):
     other = net_with_everything(2)
     other.fit(x, y, epochs=4, batch_size=8, validation_data=val, resume=tmp_path / "ck.npz")
     assert_same(weights(other), weights(whole))
+
+
+def test_a_run_whose_last_batch_is_folded_in_resumes_exactly(tmp_path):
+    """65 images in batches of 8 leave one: BatchNorm1D trains it with the batch before, so an
+    epoch has 8 batches, and a checkpoint says so."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (65, 1, 8, 8), dtype=np.uint8)
+    y = rng.integers(0, 5, 65)
+    whole = net_with_everything(1)
+    whole.fit(x, y, epochs=3, batch_size=8, seed=3, optimizer=optim.Adam(1e-3), verbose=False)
+    first = net_with_everything(1)
+    history = first.fit(x, y, epochs=1, batch_size=8, seed=3, optimizer=optim.Adam(1e-3),
+                        checkpoint=tmp_path / "ck.npz", verbose=False)
+    assert len(history["batch_loss"]) == 8
+    _, state, _ = load_checkpoint(ConvNet, tmp_path / "ck.npz")
+    assert state["batches"] == 8 and state["steps"] == 8
+    other = net_with_everything(5)
+    other.fit(x, y, epochs=3, batch_size=8, resume=tmp_path / "ck.npz", verbose=False)
+    assert_same(weights(other), weights(whole))

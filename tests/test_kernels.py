@@ -236,3 +236,18 @@ def test_the_nan_rule_matches_pytorch(k, rng):
     np.testing.assert_array_equal(k.relu_forward(x), torch.relu(tx).numpy())
     pooled, _ = k.maxpool2d_forward(x, 2, 2)
     np.testing.assert_array_equal(pooled, torch.nn.functional.max_pool2d(tx, 2).numpy())
+
+
+def test_a_padding_too_large_to_allocate_is_named_before_allocating(k):
+    """pad 10**6 on a 28x28 image asked NumPy for 116 TiB ("Unable to allocate ...")."""
+    x = np.zeros((1, 1, 28, 28), np.float32)
+    w = np.zeros((2, 1, 3, 3), np.float32)
+    dy = np.zeros((1, 2, 3, 3), np.float32)
+    calls = [lambda: k.conv2d_forward(x, w, np.zeros(2, np.float32), 1, 10**6),
+             lambda: k.conv2d_grad_weight(x, dy, 3, 1, 10**6),
+             lambda: k.conv2d_grad_input(dy, w, x.shape, 1, 10**6)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"the padded input would be \(1, 1, 2000028, "
+                                             r"2000028\): 4,000,112,000,784 values, more than a "
+                                             r"kernel call takes .* padding \(1000000\)"):
+            call()

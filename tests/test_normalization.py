@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fastcnn import BatchNorm1D, BatchNorm2D, Conv2D, ConvNet, Dense, Dropout, Flatten, ReLU
+from fastcnn import SGD, BatchNorm1D, BatchNorm2D, Conv2D, ConvNet, Dense, Dropout, Flatten, ReLU
 from fastcnn.models import simple_cnn
 
 
@@ -172,3 +172,38 @@ def test_missing_or_bad_buffers_are_refused(tmp_path, rng):
     np.savez(tmp_path / "missing.npz", **arrays)
     with pytest.raises(ValueError, match=r"layer 1 \(BatchNorm2D\) has no running_var array"):
         ConvNet.load(tmp_path / "missing.npz")
+
+
+def test_a_last_batch_of_one_image_is_trained_with_the_one_before(capsys):
+    """BatchNorm1D cannot normalise a batch of one image; a last batch of one failed after
+    several steps ("needs more than one value per channel ... use a larger batch")."""
+    rng = np.random.default_rng(0)
+
+    def net():
+        r = np.random.default_rng(1)
+        return ConvNet([Flatten(), Dense(16, 8, rng=r), BatchNorm1D(8), ReLU(),
+                        Dense(8, 3, rng=r)], input_shape=(1, 4, 4))
+
+    x = rng.integers(0, 256, (21, 1, 4, 4), dtype=np.uint8)
+    y = rng.integers(0, 3, 21)
+    history = net().fit(x, y, epochs=2, batch_size=10, verbose=True, shuffle=False)
+    assert len(history["batch_loss"]) == 4  # 10 and 11 images an epoch
+    assert "note: the last 1 image of an epoch would make a batch too small" in \
+        capsys.readouterr().out
+    # the same as training on batches of 10 and 11 by hand
+    by_hand = net()
+    opt = SGD(0.05)
+    by_hand.train()
+    for _ in range(2):
+        for part in (slice(0, 10), slice(10, 21)):
+            by_hand.train_step(x[part].astype(np.float32) / 255, y[part], opt)
+    fitted = net()
+    fitted.fit(x, y, epochs=2, batch_size=10, verbose=False, shuffle=False)
+    for (_, a, _), (_, b, _) in zip(fitted.parameters(), by_hand.parameters(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # a model that trains on one image keeps its last batch of one
+    plain = ConvNet([Flatten(), Dense(16, 3, rng=0)], input_shape=(1, 4, 4))
+    assert len(plain.fit(x, y, epochs=1, batch_size=10, verbose=False)["batch_loss"]) == 3
+    # a batch size of one cannot be helped: the error says so at once
+    with pytest.raises(ValueError, match="a batch of one: use a larger batch"):
+        net().fit(x, y, epochs=1, batch_size=1, verbose=False)
