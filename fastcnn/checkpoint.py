@@ -297,14 +297,21 @@ def _check_early_stopping(state):
         if patience is None or not isinstance(best, dict):
             raise Invalid(f"best is {str(best)[:60]!r} in a run without early stopping"
                           if patience is None else "best must be null or an object")
-        _number(_field(best, "loss", "best."), "best.loss")
-        _int(best, "epoch", 1, state["epoch"], where="best.")
-    elif patience is not None and state["epoch"] > 0 and state["history"]["val_loss"]:
+        loss = _number(_field(best, "loss", "best."), "best.loss")
+        epoch = _int(best, "epoch", 1, state["epoch"], where="best.")
+        val_loss = state["history"]["val_loss"]
+        if len(val_loss) < epoch or val_loss[epoch - 1] != loss:
+            raise Invalid(f"best.loss is {loss!r}, but the history's validation loss of epoch "
+                          f"{epoch} is {val_loss[epoch - 1] if len(val_loss) >= epoch else None}")
+    elif patience is not None and state["epoch"] > 0:
         raise Invalid("best is null after an epoch of a run with early stopping")
-    if stopped and (best is None or state["batch"]
-                    or state["epoch"] - best["epoch"] < patience):
+    waited = None if best is None else state["epoch"] - best["epoch"]
+    if stopped and (best is None or state["batch"] or waited < patience):
         raise Invalid("stopped_early is true, but the validation loss of the last "
                       f"{patience} epochs does not say so")
+    if not stopped and best is not None and not state["batch"] and waited >= patience:
+        raise Invalid(f"stopped_early is false, but the validation loss has not improved for "
+                      f"{waited} epochs, the patience ({patience}) or more")
 
 
 # -- the members ----------------------------------------------------------------------------
