@@ -33,3 +33,19 @@ def k(backend_name):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def ctrl_c_at_step(step):
+    """A gradient hook that sends this process a Ctrl-C (SIGINT) during training step ``step``
+    (1-based): fit then stops at the next batch boundary, as after a real Ctrl-C."""
+    import os
+    import signal
+
+    steps = []
+
+    def hook(net):
+        steps.append(1)
+        if len(steps) == step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return hook

@@ -3,12 +3,11 @@ names the file and the field, instead of resuming silently into a different run.
 edits one thing in a real checkpoint."""
 
 import json
-import os
-import signal
 import tracemalloc
 
 import numpy as np
 import pytest
+from conftest import ctrl_c_at_step
 
 from fastcnn import BatchNorm1D, Conv2D, ConvNet, Dense, Dropout, Flatten, MaxPool2D, ReLU, optim
 from fastcnn.checkpoint import read
@@ -47,14 +46,8 @@ def written(tmp_path_factory):
     x, y, val = data()
     small_net().fit(x, y, epochs=2, batch_size=8, seed=3, validation_data=val,
                     checkpoint=folder / "adam.npz", verbose=False, **adam_run())
-    net, steps = small_net(), []
-
-    def ctrl_c_at_step_13(net):
-        steps.append(1)
-        if len(steps) == 13:  # epoch 2, batch 4 (9 batches an epoch)
-            os.kill(os.getpid(), signal.SIGINT)
-
-    net.gradient_hook = ctrl_c_at_step_13
+    net = small_net()
+    net.gradient_hook = ctrl_c_at_step(13)  # epoch 2, batch 4 (9 batches an epoch)
     with pytest.raises(KeyboardInterrupt):
         net.fit(x, y, epochs=4, batch_size=8, seed=3, checkpoint=folder / "momentum.npz",
                 verbose=False, **momentum_run())

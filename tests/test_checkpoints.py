@@ -6,6 +6,7 @@ import signal
 
 import numpy as np
 import pytest
+from conftest import ctrl_c_at_step
 
 from fastcnn import (
     BatchNorm1D,
@@ -92,14 +93,7 @@ def test_ctrl_c_mid_epoch_writes_a_checkpoint_that_resumes_exactly(data, tmp_pat
     whole, _ = run_whole(data, tmp_path, recipe)
     x, y, val = data
     net = net_with_everything(1)
-    steps = []
-
-    def ctrl_c_at_step_13(net):
-        steps.append(1)
-        if len(steps) == 13:  # epoch 2, batch 4 (9 batches an epoch)
-            os.kill(os.getpid(), signal.SIGINT)
-
-    net.gradient_hook = ctrl_c_at_step_13
+    net.gradient_hook = ctrl_c_at_step(13)  # epoch 2, batch 4 (9 batches an epoch)
     with pytest.raises(KeyboardInterrupt):
         net.fit(x, y, epochs=4, batch_size=8, seed=3, validation_data=val,
                 checkpoint=tmp_path / "ck.npz", **recipe())
