@@ -12,7 +12,7 @@ import importlib
 import os
 import threading
 
-from . import memory
+from . import memory, threads
 
 # name -> module inside fastcnn.kernels
 BACKENDS = {
@@ -81,6 +81,7 @@ def load(name: str):
         _check_name(name, "")
         memory.apply_once()
         module = _modules[name] = importlib.import_module(f"fastcnn.kernels.{BACKENDS[name]}")
+        threads.apply_default_once()  # a container's CPU quota, not the host's cores
     return module
 
 

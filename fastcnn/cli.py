@@ -53,9 +53,9 @@ def _add_compute_args(p):
     p.add_argument("--backend", choices=BACKENDS,
                    help="kernel backend (default: $FASTCNN_BACKEND or numba)")
     p.add_argument("--threads", type=_positive_int,
-                   help="threads for the kernels (Numba and BLAS; default: all cores, and on "
-                        "numba training uses fewer while that is faster, e.g. on a shared "
-                        "machine)")
+                   help="threads for the kernels (Numba and BLAS; default: all the cores this "
+                        "process may use, a container's CPU quota included, and on numba "
+                        "training uses fewer while that is faster, e.g. on a shared machine)")
 
 
 def _apply_compute_args(args):
@@ -642,6 +642,10 @@ def _add_info_parser(subparsers):
     info.set_defaults(func=cmd_info)
 
 
+def _quota_note(quota):
+    return "" if quota is None else f", cgroup CPU quota {quota} core{'s' if quota > 1 else ''}"
+
+
 def cmd_info(args):
     import platform
 
@@ -662,7 +666,8 @@ def cmd_info(args):
                   f"{threads.threading_layer()}"),
         ("backends", ", ".join(backend.available_backends())),
         ("active backend", backend.get_backend()),
-        ("CPU", f"{_cpu_model()} ({os.cpu_count()} logical cores)"),
+        ("CPU", f"{_cpu_model()} ({os.cpu_count()} logical cores; this process may use "
+                f"{threads.available_cores()}{_quota_note(threads.cpu_quota())})"),
         ("memory", memory.apply_once()),
     ]
     width = max(len(k) for k, _ in rows)

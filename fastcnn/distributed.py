@@ -93,7 +93,9 @@ class DataParallel:
 
     def threads(self) -> int:
         """Threads per rank: this machine's cores shared among its ranks."""
-        return max(1, (os.cpu_count() or 1) // self.local_size)
+        from .threads import available_cores
+
+        return max(1, available_cores() // self.local_size)
 
     def shared_seed(self, seed):
         """``seed``, or one drawn on rank 0, the same on every rank."""

@@ -269,3 +269,59 @@ def test_only_the_numba_backend_tunes_its_threads(monkeypatch, rng, restore_thre
                                                y[:4] if name == "naive" else y, batch_size=4,
                                                seed=0)
     assert made == [False, True, False]
+
+
+def cgroup(tmp_path, monkeypatch, proc, files):
+    """A fake /sys/fs/cgroup under tmp_path with ``files`` ({relative path: text}), and this
+    process's /proc/self/cgroup as ``proc``."""
+    root = tmp_path / "cgroup"
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    root.mkdir(exist_ok=True)
+    (tmp_path / "proc").write_text(proc)
+    monkeypatch.setattr(threads, "CGROUP_ROOT", root)
+    monkeypatch.setattr(threads, "PROC_CGROUP", tmp_path / "proc")
+
+
+V2 = {"cgroup.controllers": "cpu memory"}
+
+
+@pytest.mark.parametrize("proc, files, quota", [
+    # cgroup v2, as docker --cpus=2 sets it inside the container (its cgroup is the root)
+    ("0::/\n", {**V2, "cpu.max": "200000 100000\n"}, 2),
+    ("0::/\n", {**V2, "cpu.max": "150000 100000\n"}, 2),  # 1.5 cores: two threads
+    ("0::/\n", {**V2, "cpu.max": "50000 100000\n"}, 1),
+    ("0::/\n", {**V2, "cpu.max": "max 100000\n"}, None),  # no limit
+    # a nested cgroup: the tightest limit on the way to the root counts
+    ("0::/kubepods/pod1\n", {**V2, "kubepods/cpu.max": "100000 100000",
+                              "kubepods/pod1/cpu.max": "400000 100000"}, 1),
+    # the path of another namespace: the container's root is read
+    ("0::/elsewhere/x\n", {**V2, "cpu.max": "300000 100000"}, 3),
+    # cgroup v1
+    ("4:cpu,cpuacct:/docker/abc\n", {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "300000",
+                                     "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000"}, 3),
+    ("1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+    # nothing to read, or nonsense: no quota
+    ("0::/\n", {}, None),
+    ("0::/\n", {**V2, "cpu.max": "lots 100000"}, None),
+])
+def test_the_cpu_quota_of_a_container_is_read(tmp_path, monkeypatch, proc, files, quota):
+    cgroup(tmp_path, monkeypatch, proc, files)
+    assert threads.cpu_quota() == quota
+
+
+def test_threads_start_from_the_cores_a_container_allows(tmp_path, monkeypatch, restore_threads):
+    """In a container limited to one core on a host of more, the pool and the tuner start from
+    one thread, not one per visible core; set_num_threads can still ask for more."""
+    cgroup(tmp_path, monkeypatch, "0::/\n", {**V2, "cpu.max": "100000 100000"})
+    assert threads.available_cores() == 1 and threads.default_threads() == 1
+    assert threads.Tuner(enabled=True).candidates == [1]
+    monkeypatch.setattr(threads, "_defaulted", [])
+    threads.apply_default_once()
+    assert threads.get_num_threads() == 1
+    threads.set_num_threads("auto")
+    assert threads.get_num_threads() == 1
+    if threads.max_threads() > 1:
+        threads.set_num_threads(2)
+        assert threads.get_num_threads() == 2
