@@ -152,3 +152,29 @@ def test_a_worker_that_finds_another_fastcnn_refuses_to_run(tmp_path):
                          text=True, timeout=60)
     assert run.returncode != 0 and "ran" not in run.stdout
     assert "not the parent's" in run.stderr
+
+
+def test_the_scaling_harness_prints_its_tables(tmp_path):
+    """bench/scaling.py end to end at tiny settings: a row per thread count (one oversubscribed
+    on purpose), the split of a step at 1 thread, and each pass's share of the FMA peak."""
+    import re
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "scaling.py"
+    from fastcnn import threads
+
+    over = threads.available_cores() + 1
+    run = subprocess.run([sys.executable, str(script), "--models", "simple", "--batches", "4",
+                          "--threads", "1", str(over), "--rounds", "1", "--seconds", "0.05",
+                          "--no-torch"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    assert re.search(r"FMA probe: [\d.]+ GFLOP/s on one core", out), out
+    assert re.search(r"^1 \| [\d,]+ \(100%\)$", out, re.M), out
+    assert re.search(rf"^{over} \(over\) \| [\d,]+ \(\d+%\)$", out, re.M), out
+    shares = re.search(r"took [\d.]+ ms: ([\d.]+)% outside numba's parallel kernels, ([\d.]+)% "
+                       r"laying out planes", out)
+    assert shares and 0 < float(shares[1]) < 100 and 0 <= float(shares[2]) < 100, out
+    rows = re.findall(r"^complex\.conv\d \| (forward|grad_weight|grad_input) \| \d+ \(\d+%\)",
+                      out, re.M)
+    assert len(rows) == 9, out
