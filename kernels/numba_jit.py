@@ -494,24 +494,41 @@ def grad_weight_filters(channels, registers=VECTOR_REGISTERS):
     return 8 if registers >= 32 and channels >= 8 else 0
 
 
+# Tasks the chunked weight gradient aims to offer (4 for each of 64 threads), by splitting the
+# channels into blocks of at least _WG_MIN_CHANNELS: the parts of the positions alone gave 12
+# tasks for conv2 at batch 10 and 8 for conv4, fewer than many cores need.
+_WG_TASKS, _WG_MIN_CHANNELS = 256, 4
+
+
+def grad_weight_channel_block(channels, tasks):
+    """Channels per task of the chunked weight gradient, given the ``tasks`` that its parts
+    and filter groups make: blocks enough for _WG_TASKS tasks, none under _WG_MIN_CHANNELS
+    channels (the blocks change no sum, only how the work is cut)."""
+    blocks = min(-(-_WG_TASKS // tasks), max(1, channels // _WG_MIN_CHANNELS))
+    return -(-channels // blocks)
+
+
 @_parallel
-def _conv3x3_grad_weight_chunked(xf, dyf, wp, parts, L, doff, fb, size):
+def _conv3x3_grad_weight_chunked(xf, dyf, wp, parts, L, doff, cb, fb, size):
     """parts[i, f] = part i's share of dw[f] (fb and size = 3 * fb: compile-time constants);
-    L and doff as in _conv3x3_grad_weight_s1."""
+    L and doff as in _conv3x3_grad_weight_s1. A task owns one part's tile of fb filters x cb
+    channels: the tiles are disjoint, and every value of dw is summed in the same order
+    whatever cb is (each channel's sums are its own)."""
     literally(fb)
     literally(size)
     C, F, P = xf.shape[0], parts.shape[1], parts.shape[0]
     S, SD = xf.shape[1], dyf.shape[1]
     x, d = _flat(xf), _flat(dyf)
     per = (L + P - 1) // P
-    groups = F // fb
-    for t in prange(P * groups):
-        part, f0 = t // groups, (t % groups) * fb
+    groups, blocks = F // fb, (C + cb - 1) // cb
+    for t in prange(P * groups * blocks):
+        part, tile = t // (groups * blocks), t % (groups * blocks)
+        f0, c0 = (tile // blocks) * fb, (tile % blocks) * cb
         w = parts[part]
         end = min(L, (part + 1) * per)
         for k0 in range(part * per, end, _WG_CHUNK):
             n = min(k0 + _WG_CHUNK, end) - k0
-            for ch in range(C):
+            for ch in range(c0, min(C, c0 + cb)):
                 for p in range(3):
                     a = _stack_buffer(size, xf.dtype)  # a[3*f + q]: filter f0 + f, tap q
                     for i in range(size):
@@ -540,8 +557,8 @@ def _chunked_grad_weight(fb):
         size = 3 * fb
 
         @_serial
-        def kernel(xf, dyf, wp, parts, L, doff):
-            _conv3x3_grad_weight_chunked(xf, dyf, wp, parts, L, doff, fb, size)
+        def kernel(xf, dyf, wp, parts, L, doff, cb):
+            _conv3x3_grad_weight_chunked(xf, dyf, wp, parts, L, doff, cb, fb, size)
 
         _CHUNKED[fb] = kernel
     return kernel
@@ -580,7 +597,8 @@ def _grad_weight_3x3(x, dy, pad, fb=None, xf=None, dyf=None, doff=0):
         _conv3x3_grad_weight_s1(xf, dyf, wp, dw, db, positions, doff, n * hp * wp)
         return dw[:f], db[:f]
     parts = np.zeros((-(-positions // _WG_PART), fg, x.shape[1], 3, 3), x.dtype)
-    _chunked_grad_weight(fb)(xf, dyf, wp, parts, positions, doff)
+    cb = grad_weight_channel_block(x.shape[1], parts.shape[0] * (fg // fb))
+    _chunked_grad_weight(fb)(xf, dyf, wp, parts, positions, doff, cb)
     db = np.empty(f, x.dtype)
     _row_sums(dyf, db, doff, n * hp * wp)
     return _sum_parts(parts)[:f], db

@@ -563,3 +563,29 @@ def test_numba_fused_backward_refuses_a_layout_of_another_input(rng):
         numba_jit.conv2d_backward(other, dy3, w, 1, 1, True, saved[:, :10])
     with pytest.raises(ValueError, match="layout of another input"):
         numba_jit.conv2d_backward(x, dy, w, 1, 1, True, saved.astype(np.float64))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numba_weight_gradient_tiles_of_any_channel_block_give_the_same_bits(rng, dtype):
+    """The chunked weight gradient cuts its work into parts x filter groups x channel blocks
+    (so that batch 10 offers many cores enough tasks); the block changes no sum."""
+    from fastcnn.kernels import numba_jit as nj
+
+    n, c, h, f = 2, 9, 7, 16
+    x = rng.standard_normal((n, c, h, h)).astype(dtype)
+    dy = rng.standard_normal((n, f, h, h)).astype(dtype)
+    hp = wp = h + 2
+    xf = nj._channel_planes(x, 1, 1, hp, wp)
+    dyf = nj._channel_planes(dy, 0, 0, hp, wp, channels=f)
+    positions = n * hp * wp - 2 * wp - 2
+    results = []
+    for cb in (1, 2, 4, 9):
+        parts = np.zeros((-(-positions // nj._WG_PART), f, c, 3, 3), dtype)
+        nj._chunked_grad_weight(8)(xf, dyf, wp, parts, positions, 0, cb)
+        results.append(parts)
+    for other in results[1:]:
+        np.testing.assert_array_equal(other, results[0])
+    assert results[0].any()
+    assert nj.grad_weight_channel_block(32, 12) == 4  # conv2 at batch 10: 12 tasks -> 96
+    assert nj.grad_weight_channel_block(64, 8) == 4 and nj.grad_weight_channel_block(8, 300) == 8
+    assert nj.grad_weight_channel_block(6, 1) == 6  # never a block under 4 channels
