@@ -227,15 +227,43 @@ def _cpu_jiffies():
     return fields[3] + fields[4], sum(fields[:8])
 
 
+def candidate_counts(top):
+    """The counts a Tuner tries, most first: all, three quarters, half, a quarter, ... one
+    (on 64 cores: 64, 48, 32, 16, 8, 4, 2, 1)."""
+    counts = {top, max(1, round(top * 3 / 4))}
+    n = top // 2
+    while n >= 1:
+        counts.add(n)
+        n //= 2
+    return sorted(counts, reverse=True)
+
+
+_tuners: dict = {}  # key -> the Tuner of every loop over that key in this process
+
+
+def tuner_for(key, enabled=True, **options):
+    """The Tuner of a loop over ``key`` (say, a model and its batch shape): one per key in this
+    process, so that its choice, its probe under way and the age of its choice carry over from
+    one short ``fit`` call to the next instead of each probing from all cores down. A fresh
+    one where tuning is off (not ``enabled``, or a count fixed by set_num_threads)."""
+    tuner = _tuners.get(key)
+    if not (enabled and tuned()):
+        return Tuner(enabled=False, **options)
+    if tuner is None or tuner.candidates != candidate_counts(default_threads()):
+        tuner = _tuners[key] = Tuner(enabled=True, **options)
+    return tuner
+
+
 class Tuner:
     """Chooses, while a loop of batches runs, the thread count that runs them fastest now.
 
-    It times a few batches on each candidate count (all cores, then halving down to one), keeps
-    the fastest, and probes again every ``reprobe_s`` seconds; sooner when the batches get 1.5x
-    slower than when it chose (another process took the cores), or when it runs on fewer than
-    all cores and at least one core has been idle over the last second (the other process is
-    gone; Linux's /proc/stat tells). The numbers computed do not
-    depend on the count (every kernel writes its own slices; ``tests/test_threads.py``), so only
+    It times a few batches on each candidate count (``candidate_counts``: all cores, three
+    quarters, then halving down to one), keeps the fastest, and probes again every
+    ``reprobe_s`` seconds; sooner when the batches get 1.5x slower than when it chose (another
+    process took the cores), or when it runs on fewer than all cores and at least one core has
+    been idle over the last second (the other process is gone; Linux's /proc/stat tells). One
+    loop after another can share a Tuner (``tuner_for``). The numbers computed do not depend on
+    the count (every kernel writes its own slices; ``tests/test_threads.py``), so only
     the speed changes. Used as::
 
         tuner.start(); <one batch>; tuner.stop(images)
@@ -257,9 +285,7 @@ class Tuner:
     def __init__(self, maximum=None, reprobe_s=20.0, clock=time.perf_counter, enabled=True,
                  cpu_times=None):
         top = maximum or default_threads()
-        self.candidates = [top]
-        while self.candidates[-1] > 1:
-            self.candidates.append(self.candidates[-1] // 2)
+        self.candidates = candidate_counts(top)
         self.active = enabled and tuned() and top > 1
         self.reprobe_s = reprobe_s
         self.clock = clock

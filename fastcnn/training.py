@@ -233,7 +233,9 @@ class Trainer:
         # numpy backend) do not, and a tuned count would make runs differ with the timing. One
         # process alone: ranks that tuned each for itself would wait for each other.
         numba = backend.get_backend() == "numba"
-        self.tuner = threads.Tuner(enabled=numba and dp.size == 1)
+        # a count chosen for this model and batch earlier in the process is where it starts
+        key = (_architecture(net), str(net.dtype), self.batch_size, self.x.shape[1:])
+        self.tuner = threads.tuner_for(key, enabled=numba and dp.size == 1)
         self.compile_step = self.steps if numba and verbose else None  # this run's first
         largest = -(-int(np.diff(self.starts).max()) // dp.size)  # array_split's first shard
         buf = np.empty((largest,) + self.x.shape[1:], net.dtype)
@@ -514,6 +516,12 @@ def _check_validation_data(net, validation_data):
     net.check_data(*validation_data, what="validation_data")
 
 
+def _architecture(net):
+    """A short digest of the network's layers and their settings."""
+    layers = json.dumps([[type(layer).__name__, layer.config()] for layer in net.layers])
+    return hashlib.sha256(layers.encode()).hexdigest()[:12]
+
+
 def _run_definition(net, x, y, epochs, batch_size, optimizer, schedule, validation_data,
                     shuffle, seed, early_stopping, state):
     """What every process of a distributed run must agree on, as short JSON-able values."""
@@ -522,9 +530,8 @@ def _run_definition(net, x, y, epochs, batch_size, optimizer, schedule, validati
         return (f"{f['n']} images of {f['dtype']} {f['shape']}, labels' CRC-32 "
                 f"{f['labels_crc32']:08x}")
 
-    layers = json.dumps([[type(layer).__name__, layer.config()] for layer in net.layers])
     return {"model": f"{len(net.layers)} layers, {net.num_params():,} parameters",
-            "architecture": hashlib.sha256(layers.encode()).hexdigest()[:12],
+            "architecture": _architecture(net),
             "dtype": str(net.dtype), "backend": backend.get_backend(),
             "data": data(x, y), "validation data": validation_data and data(*validation_data),
             "epochs": epochs,

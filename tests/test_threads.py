@@ -325,3 +325,41 @@ def test_threads_start_from_the_cores_a_container_allows(tmp_path, monkeypatch, 
     if threads.max_threads() > 1:
         threads.set_num_threads(2)
         assert threads.get_num_threads() == 2
+
+
+def test_the_tuner_tries_more_counts_than_halving_on_many_cores():
+    assert threads.candidate_counts(64) == [64, 48, 32, 16, 8, 4, 2, 1]
+    assert threads.candidate_counts(16) == [16, 12, 8, 4, 2, 1]
+    assert threads.candidate_counts(2) == [2, 1] and threads.candidate_counts(1) == [1]
+    assert threads.Tuner(maximum=12, enabled=False).candidates == [12, 9, 6, 3, 1]
+
+
+@needs_two
+def test_a_choice_survives_short_loops_of_the_same_model_and_batch(restore_threads,
+                                                                  monkeypatch):
+    """Short fit calls of one model and batch share one Tuner: they do not each pay a probe
+    from all cores down, a probe under way goes on in the next call, and a choice still ages
+    (re-probed after reprobe_s of clock, counted across calls)."""
+    monkeypatch.setattr(threads, "_tuners", {})
+    threads.set_num_threads("auto")
+    top = threads.default_threads()
+    clock = FakeClock()
+    cost = {"now": lambda n: 1.0 if n == 1 else 3.0}
+
+    def short_loop(key, batches=4):
+        tuner = threads.tuner_for(key, reprobe_s=30, clock=clock, cpu_times=busy_cores)
+        with tuner:
+            return tuner, run_batches(tuner, clock, lambda n: cost["now"](n), batches)
+
+    loops = [short_loop("model, batch 10") for _ in range(5)]  # the probe spans the loops
+    tuner = loops[-1][0]
+    assert all(t is tuner for t, _ in loops) and tuner.chosen == 1
+    assert loops[-1][1] == [1] * 4
+    other, used = short_loop("another model", 2)  # its own tuner, probing from all cores
+    assert other is not tuner and used == [top, top]
+    cost["now"] = lambda n: 1.0 if n == 1 else 0.2  # all cores became the faster
+    for _ in range(12):
+        _, used = short_loop("model, batch 10")
+    assert used == [top] * 4  # past 30 s of clock it probed again, across loops, and moved
+    threads.set_num_threads(1)
+    assert not threads.tuner_for("model, batch 10").active  # a fixed count: no tuning
