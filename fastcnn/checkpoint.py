@@ -26,11 +26,11 @@ import math
 import numpy as np
 
 from . import atomic, serialize
+from .history import EPOCH_COLUMNS
 from .optim import optimizer_from_record, schedule_from_config
 from .serialize import Invalid
 
-HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds",
-                "images_per_second", "threads", "batch_loss")
+HISTORY_KEYS = (*EPOCH_COLUMNS, "batch_loss")  # the lists of fit's history
 # the per-epoch lists of the history (the rest: "lr", one per epoch begun; "batch_loss", one per
 # step); the validation ones are empty when the run has no validation data
 _PER_EPOCH = ("loss", "accuracy", "seconds", "images_per_second", "threads")
@@ -63,11 +63,15 @@ def read(cls, path):
     return net, state, arrays
 
 
+def _full_batches(state):
+    """Global batches the images make in one epoch, the last one maybe short."""
+    return -(-state["data"]["n"] // (state["batch_size"] * state.get("processes", 1)))
+
+
 def batches_per_epoch(state):
     """Global batches in one epoch of the run that wrote ``state`` (one fewer than the images
     make when a last batch too small for the model was folded into the one before)."""
-    full = -(-state["data"]["n"] // (state["batch_size"] * state.get("processes", 1)))
-    return state.get("batches", full)
+    return state.get("batches", _full_batches(state))
 
 
 def _read_rest(z, arch, members, net):
@@ -119,9 +123,9 @@ def _number(value, name, lo=None, hi=None):
     return value
 
 
-def _typed(record, key, kind, where="", optional=False):
-    value = _field(record, key, where) if not optional else record.get(key)
-    if not isinstance(value, kind) or (kind is int and type(value) is not int):
+def _typed(record, key, kind, where=""):
+    value = _field(record, key, where)
+    if not isinstance(value, kind):
         names = {dict: "an object", list: "a list", bool: "true or false", str: "a string"}
         raise Invalid(f"{where}{key} must be {names.get(kind, kind.__name__)}, got "
                       f"{str(value)[:60]!r}")
@@ -142,8 +146,7 @@ def _check_record(state, net):
     _typed(state, "shuffle", bool)
     _check_data(state, net)
     if "batches" in state:
-        full = -(-state["data"]["n"] // (state["batch_size"] * state.get("processes", 1)))
-        _int(state, "batches", max(1, full - 1), full)
+        _int(state, "batches", max(1, _full_batches(state) - 1), _full_batches(state))
     steps_per_epoch = batches_per_epoch(state)
     epoch = _int(state, "epoch", 0, epochs)
     batch = _int(state, "batch", 0, steps_per_epoch - 1)
