@@ -125,9 +125,18 @@ class Conv2D(Layer):
                                             self.stride, self.pad)
         return (self.out_channels, oh, ow)
 
-    def forward(self, x):
-        self._x, self._saved = x, None  # _saved: (kernel module, what its forward kept)
+    def forward(self, x, relu=False):
+        """y; with relu, the ReLU of y: the ReLU layer after this one fused in (ConvNet does
+        so where the backend has the contract's "conv2d_relu" kernels; that layer then passes
+        the gradient through, and this layer's backward applies its mask)."""
+        # _saved: (kernel module, what its forward kept); _relu_y: the fused ReLU's output
+        self._x, self._saved, self._relu_y = x, None, None
         k, w, b = kernels(), self.params["weight"], self.params["bias"]
+        if relu:
+            y, kept = k.conv2d_relu_forward(x, w, b, self.stride, self.pad)
+            if self.training:
+                self._saved, self._relu_y = (k, kept), y
+            return y
         if self.training and _contract.has(k, "conv2d_saved_layout"):  # x laid out once
             y, kept = k.conv2d_forward_saving(x, w, b, self.stride, self.pad)
             self._saved = (k, kept)
@@ -136,6 +145,15 @@ class Conv2D(Layer):
 
     def backward(self, dy, need_dx=True):
         k = kernels()
+        if self._relu_y is not None:  # dy arrives at the fused ReLU
+            (by, saved), relu_y = self._saved, self._relu_y
+            self._saved = self._relu_y = None
+            if by is k:
+                self.grads["weight"], self.grads["bias"], dx = k.conv2d_relu_backward(
+                    self._x, dy, relu_y, self.params["weight"], self.stride, self.pad, need_dx,
+                    saved)
+                return dx
+            dy = k.relu_backward(dy, relu_y)  # the backend changed in between: unfused
         if _contract.has(k, "conv2d_saved_layout"):
             by, saved = self._saved or (None, None)
             self._saved = None  # one backward pass per forward: free it
@@ -159,11 +177,20 @@ class ReLU(Layer):
     """max(x, 0), any shape."""
 
     def forward(self, x):
+        self._fused = False
         self._y = kernels().relu_forward(x)
         return self._y
 
+    def fused(self, y):
+        """The convolution before this layer applied it (Conv2D.forward(x, relu=True)) and gave
+        y: the backward pass then leaves the mask to that layer's backward."""
+        self._fused, self._y = True, y
+        return y
+
     def backward(self, dy, need_dx=True):
-        return kernels().relu_backward(dy, self._y) if need_dx else None
+        if not need_dx:
+            return None
+        return dy if self._fused else kernels().relu_backward(dy, self._y)
 
 
 class MaxPool2D(Layer):

@@ -14,8 +14,9 @@ import contextlib
 import numpy as np
 
 from . import serialize
+from .backend import kernels
 from .kernels import _contract
-from .layers import Layer, MaxPool2D, ReLU, SoftmaxCrossEntropy
+from .layers import Conv2D, Layer, MaxPool2D, ReLU, SoftmaxCrossEntropy
 from .training import fit_network, pixel_note
 
 
@@ -165,21 +166,25 @@ class ConvNet:
                              f"{self.input_shape}")
 
     def forward(self, x):
-        """Logits (N, K) for a batch already in the network's dtype."""
+        """Logits (N, K) for a batch already in the network's dtype.
+
+        Two layers can run as one: a convolution and the ReLU after it, where the backend has
+        the contract's "conv2d_relu" kernels (the ReLU applied as the convolution stores its
+        outputs, and its mask where the backward lays out dy: the same numbers, one pass over
+        the activations fewer each way). In inference, a ReLU followed by max pooling runs
+        after it instead, on a quarter of the values (for 2x2 pooling): max and ReLU commute
+        exactly, NaN included (both keep it), and nothing is kept for a backward pass."""
         layers = self.layers
-        if not layers or layers[0].training:
-            for layer in layers:
-                x = layer.forward(x)
-            return x
-        # Inference: a ReLU followed by max pooling runs after it instead, on a quarter of the
-        # values (for 2x2 pooling). Max and ReLU commute exactly, NaN included (both keep it),
-        # and nothing is kept for a backward pass.
+        fuse = _contract.has(kernels(), "conv2d_relu")
         i = 0
         while i < len(layers):
-            layer = layers[i]
-            if (isinstance(layer, ReLU) and i + 1 < len(layers) and not layer.training
-                    and isinstance(layers[i + 1], MaxPool2D) and not layers[i + 1].training):
-                x = layer.forward(layers[i + 1].forward(x))
+            layer, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
+            if fuse and isinstance(layer, Conv2D) and isinstance(after, ReLU):
+                x = after.fused(layer.forward(x, relu=True))
+                i += 2
+            elif (isinstance(layer, ReLU) and not layer.training
+                    and isinstance(after, MaxPool2D) and not after.training):
+                x = layer.forward(after.forward(x))
                 i += 2
             else:
                 x = layer.forward(x)

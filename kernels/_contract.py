@@ -102,6 +102,14 @@ OPTIONAL_KERNELS = {
         "conv2d_forward_saving": "(x, w, b, stride, pad)",
         "conv2d_backward": "(x, dy, w, stride, pad, need_dx=True, saved=None)",
     },
+    # A convolution and the ReLU right after it: conv2d_relu_forward gives (relu_forward of
+    # conv2d_forward's y, saved as conv2d_forward_saving's); conv2d_relu_backward(x, dy, y, ...)
+    # gives conv2d_backward's (dw, db, dx) for the gradient relu_backward(dy, y). One pass over
+    # the activations fewer each way (the ReLU at the convolution's store and dy's layout).
+    "conv2d_relu": {
+        "conv2d_relu_forward": "(x, w, b, stride, pad)",
+        "conv2d_relu_backward": "(x, dy, y, w, stride, pad, need_dx=True, saved=None)",
+    },
 }
 
 

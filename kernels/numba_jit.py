@@ -19,7 +19,7 @@ from numba.extending import intrinsic
 from . import _contract as c
 
 # The optional kernel groups of the contract that this backend has (_contract.OPTIONAL_KERNELS).
-OPTIONAL = frozenset({"conv2d_saved_layout"})
+OPTIONAL = frozenset({"conv2d_saved_layout", "conv2d_relu"})
 
 # NOTE: every jit flag lives here. fastmath allows reassociating sums (so reductions vectorize)
 # but not 'nnan'/'ninf': a NaN must still propagate so that a diverging loss is detected.
@@ -158,19 +158,24 @@ def conv_tile(ow, itemsize, bits=VECTOR_BITS, registers=VECTOR_REGISTERS):
     return fb, vectors * lanes
 
 
-def _channel_planes(x, top, left, hp, wp, slack=0, channels=None):
+def _channel_planes(x, top, left, hp, wp, slack=0, channels=None, relu_output=None):
     """x (N, C, H, W) laid out channel-major, (C, N*hp*wp + slack): every image's plane of one
     channel after the other, so one flat loop runs across the whole batch. Each H x W plane sits
     at (top, left) of an hp x wp plane of zeros; `slack` more zeros end every channel's row, and
-    `channels` (>= C) rows of zeros in all."""
+    `channels` (>= C) rows of zeros in all. With `relu_output` (x's shape), x is a gradient
+    arriving at a ReLU, laid out as relu_backward(x, relu_output) would give it: the ReLU's
+    backward pass fused into the layout (one pass over dy instead of two)."""
     n, ch = x.shape[:2]
     out = np.empty((channels or ch, n * hp * wp + slack), x.dtype)
-    _lay_out_planes(np.ascontiguousarray(x), top, left, hp, wp, out)
+    x = np.ascontiguousarray(x)
+    masked = relu_output is not None
+    mask = np.ascontiguousarray(relu_output) if masked else x
+    _lay_out_planes(x, top, left, hp, wp, out, mask, masked)
     return out
 
 
 @_parallel
-def _lay_out_planes(x, top, left, hp, wp, out):
+def _lay_out_planes(x, top, left, hp, wp, out, mask, masked):
     N, C, H, W = x.shape
     S, plane = out.shape[1], hp * wp
     for ch in prange(out.shape[0]):  # one channel's row per task; every value written once
@@ -183,8 +188,13 @@ def _lay_out_planes(x, top, left, hp, wp, out):
                     for k in range(end, at):
                         dst[k] = 0
                     src, row = x[n, ch, i], dst[at : at + W]
-                    for j in range(W):
-                        row[j] = src[j]
+                    if masked:  # relu_backward's rule: dy * 0 keeps a NaN dy NaN
+                        m = mask[n, ch, i]
+                        for j in range(W):
+                            row[j] = src[j] * 0 if m[j] <= 0 else src[j]
+                    else:
+                        for j in range(W):
+                            row[j] = src[j]
                     end = at + W
         for k in range(end, S):
             dst[k] = 0
@@ -245,10 +255,20 @@ def _tile_at(a, wg, g, x, k0, S, wp, fb, v, size):
                 _tile_taps(a, taps[3 * p + q], x, ch * S + k0 + p * wp + q, fb, v)
 
 
+@_inlined
+def _store(out, j, value, relu):
+    """out[j] = value; with relu, relu_forward's rule: 0 where value <= 0 (a NaN is kept)."""
+    if relu and value <= 0:
+        out[j] = 0
+    else:
+        out[j] = value
+
+
 @_parallel
-def _conv3x3_forward_s1(xf, wg, b, hp, wp, y, fb, v, size):
+def _conv3x3_forward_s1(xf, wg, b, hp, wp, y, relu, fb, v, size):
     """The register-tiled forward kernel; fb, v and size = fb * v are compile-time constants
-    (one compiled version per tile shape in use)."""
+    (one compiled version per tile shape in use). relu: store max(value, 0) (NaN kept), the
+    ReLU that follows the convolution fused into its store."""
     literally(fb)
     literally(v)
     literally(size)
@@ -270,11 +290,11 @@ def _conv3x3_forward_s1(xf, wg, b, hp, wp, y, fb, v, size):
                 for r in range(min(fb, F - f0)):  # the real filters and outputs only
                     out, bias = y[n, f0 + r, i], b[f0 + r]
                     for u in range(min(v, OW - j0)):
-                        out[j0 + u] = a[r * v + u] + bias
+                        _store(out, j0 + u, a[r * v + u] + bias, relu)
 
 
 @_parallel
-def _conv3x3_forward_across(xf, wg, b, hp, wp, y, fb, v, size):
+def _conv3x3_forward_across(xf, wg, b, hp, wp, y, relu, fb, v, size):
     """The forward kernel for rows shorter than half a tile (2 * wp <= v): a tile is v
     consecutive wide positions of one image, across rows (14-wide rows, 32-wide tiles: 87.5% of
     a tile is real outputs, where a tile per row would waste half). On AVX-512 this took the
@@ -304,7 +324,7 @@ def _conv3x3_forward_across(xf, wg, b, hp, wp, y, fb, v, size):
                 for r in range(min(fb, F - f0)):
                     out, bias = y[n, f0 + r, i], b[f0 + r]
                     for m in range(max(min(count, OW - j), 0)):
-                        out[j + m] = a[r * v + u + m] + bias
+                        _store(out, j + m, a[r * v + u + m] + bias, relu)
                 u += count
                 i += 1
                 j = 0
@@ -373,20 +393,21 @@ def _tiled_forward(fb, v, across):
         size = fb * v
         if across:
             @_serial
-            def kernel(xf, wg, b, hp, wp, y):
-                _conv3x3_forward_across(xf, wg, b, hp, wp, y, fb, v, size)
+            def kernel(xf, wg, b, hp, wp, y, relu):
+                _conv3x3_forward_across(xf, wg, b, hp, wp, y, relu, fb, v, size)
         else:
             @_serial
-            def kernel(xf, wg, b, hp, wp, y):
-                _conv3x3_forward_s1(xf, wg, b, hp, wp, y, fb, v, size)
+            def kernel(xf, wg, b, hp, wp, y, relu):
+                _conv3x3_forward_s1(xf, wg, b, hp, wp, y, relu, fb, v, size)
 
         _TILED[fb, v, across] = kernel
     return kernel
 
 
-def _forward(x, w, b, stride, ph, pw, shape, tile=None, keep=False, xf=None):
+def _forward(x, w, b, stride, ph, pw, shape, tile=None, keep=False, xf=None, relu=False):
     """y; with keep, (y, the flat layout of x) for 3x3 stride-1 kernels (else (y, None)). xf:
-    x already laid out so (conv2d_backward's dy, for the input gradient)."""
+    x already laid out so (conv2d_backward's dy, for the input gradient). relu: y is the ReLU
+    of the convolution, applied as each output is stored."""
     y = np.empty(shape, x.dtype)
     w = np.ascontiguousarray(w)
     if stride == 1 and w.shape[2:] == (3, 3):
@@ -394,10 +415,13 @@ def _forward(x, w, b, stride, ph, pw, shape, tile=None, keep=False, xf=None):
         fb, v = tile or conv_tile(shape[3], x.dtype.itemsize)
         if xf is None:
             xf = _channel_planes(x, ph, pw, hp, wp, _tile_slack(wp, v))
-        _tiled_forward(fb, v, 2 * wp <= v)(xf, _filter_groups(w, fb), b, hp, wp, y)
+        _tiled_forward(fb, v, 2 * wp <= v)(xf, _filter_groups(w, fb), b, hp, wp, y, relu)
     else:  # other kernel sizes and strides: the plain direct convolution
         _conv_forward(_padded(x, ph, pw), w, b, stride, y)
         xf = None
+        if relu:  # in place, after it
+            flat = y.reshape(-1)
+            (_relu_forward if y.size >= _PARALLEL_MIN else _relu_forward_serial)(flat, flat)
     return (y, xf) if keep else y
 
 
@@ -418,16 +442,38 @@ def conv2d_forward_saving(x, w, b, stride, pad):
     return _forward(x, w, b, stride, pad, pad, shape, keep=True)
 
 
+def conv2d_relu_forward(x, w, b, stride, pad):
+    """(relu_forward(conv2d_forward(x, w, b, stride, pad)), saved), bit for bit, saved as
+    conv2d_forward_saving's: a convolution and the ReLU after it in one pass over y (the ReLU
+    applied as each output is stored). Optional kernel group "conv2d_relu"."""
+    stride, pad, shape = c.check_conv_forward(x, w, b, stride, pad)
+    return _forward(x, w, b, stride, pad, pad, shape, keep=True, relu=True)
+
+
+def conv2d_relu_backward(x, dy, y, w, stride, pad, need_dx=True, saved=None):
+    """conv2d_backward(x, relu_backward(dy, y), w, ...), bit for bit: dy arrives at the ReLU
+    whose output is y, and the ReLU's mask is applied where dy is laid out for the
+    convolution's two gradients instead of in a pass of its own."""
+    c.check_relu_backward(dy, y)
+    return _backward(x, dy, w, stride, pad, need_dx, saved, y)
+
+
 def conv2d_backward(x, dy, w, stride, pad, need_dx=True, saved=None):
     """(dw, db, dx or None): conv2d_grad_weight and conv2d_grad_input in one call, the same
     numbers bit for bit. For 3x3 stride-1 'same' convolutions dy is laid out once for both (the
     input gradient's layout, shifted by a row and a column, is the weight gradient's), and x's
     layout comes from the forward pass (``saved``) instead of being built again."""
+    return _backward(x, dy, w, stride, pad, need_dx, saved, None)
+
+
+def _backward(x, dy, w, stride, pad, need_dx, saved, relu_output):
     kernel_size = w.shape[2:]
     (kh, kw), stride, pad = c.check_conv_grad_weight(x, dy, kernel_size, stride, pad)
     if need_dx:
         c.check_conv_grad_input(dy, w, x.shape, stride, pad)
     if not (stride == 1 and (kh, kw) == (3, 3) and pad == 1):
+        if relu_output is not None:
+            dy = relu_backward(dy, relu_output)
         dw, db = conv2d_grad_weight(x, dy, kernel_size, stride, pad)
         dx = conv2d_grad_input(dy, w, x.shape, stride, pad) if need_dx else None
         return dw, db, dx
@@ -437,7 +483,8 @@ def conv2d_backward(x, dy, w, stride, pad, need_dx=True, saved=None):
     fb = grad_weight_filters(ch)
     groups = -(-f // (fb or _FB)) * (fb or _FB)
     v = conv_tile(wd, x.dtype.itemsize)[1]  # the input gradient's tile (its outputs: wd wide)
-    dyf = _channel_planes(dy, 1, 1, hp, wp, _tile_slack(wp, v), channels=groups)
+    dyf = _channel_planes(dy, 1, 1, hp, wp, _tile_slack(wp, v), channels=groups,
+                          relu_output=relu_output)
     if saved is not None and (saved.dtype != x.dtype or saved.shape[0] != ch
                               or saved.shape[1] < n * hp * wp):
         raise ValueError(f"saved holds the layout of another input ({saved.dtype} "

@@ -75,6 +75,36 @@ def test_conv_agrees_with_naive(fast, rng, case, dtype):
     np.testing.assert_allclose(dx, NAIVE.conv2d_grad_input(dy, wt, x.shape, stride, pad),
                                **tol(dtype))
     assert_fused_backward_is_the_same(fast, x, wt, b, dy, stride, pad)
+    assert_relu_fusion_is_the_same(fast, x, wt, b, dy, stride, pad)
+
+
+def assert_relu_fusion_is_the_same(fast, x, wt, b, dy, stride, pad):
+    """The optional group "conv2d_relu" (numba): the convolution with the ReLU after it gives
+    this backend's unfused chain's numbers bit for bit (relu_forward of conv2d_forward; then
+    conv2d_backward of relu_backward's gradient), with or without the saved layout, and the
+    naive backend's unfused chain under the NaN rule (a NaN or an infinity anywhere stays)."""
+    if not _contract.has(fast, "conv2d_relu"):
+        return
+    y, saved = fast.conv2d_relu_forward(x, wt, b, stride, pad)
+    unfused = fast.relu_forward(fast.conv2d_forward(x, wt, b, stride, pad))
+    np.testing.assert_array_equal(y, unfused)
+    assert not np.signbit(y[y == 0]).any()  # relu_forward's zeros are +0
+    reference = NAIVE.relu_forward(NAIVE.conv2d_forward(x, wt, b, stride, pad))
+    assert_nan_rule(y, reference, x.dtype, "conv + relu forward")
+    g = fast.relu_backward(dy, y)
+    want = fast.conv2d_backward(x, g, wt, stride, pad, True, None)
+    g_ref = NAIVE.relu_backward(dy, y)  # this y: where it has an extra NaN, the mask passes dy
+    want_ref = (*NAIVE.conv2d_grad_weight(x, g_ref, wt.shape[2:], stride, pad),
+                NAIVE.conv2d_grad_input(g_ref, wt, x.shape, stride, pad))
+    for keep in (saved, None):
+        got = fast.conv2d_relu_backward(x, dy, y, wt, stride, pad, True, keep)
+        for part, h, w_, r in zip(("dw", "db", "dx"), got, want, want_ref, strict=True):
+            assert h.dtype == x.dtype and h.shape == w_.shape
+            np.testing.assert_array_equal(h, w_, err_msg=part)
+            assert_nan_rule(h, r, x.dtype, f"conv + relu backward, {part}")
+    assert fast.conv2d_relu_backward(x, dy, y, wt, stride, pad, False, saved)[2] is None
+    with pytest.raises(ValueError, match="y"):  # the ReLU's output must match dy
+        fast.conv2d_relu_backward(x, dy, y.reshape(-1), wt, stride, pad)
 
 
 def assert_fused_backward_is_the_same(fast, x, wt, b, dy, stride, pad):
@@ -200,6 +230,60 @@ def test_one_trainer_three_backends_end_with_the_same_weights(rng):
         assert not np.allclose(ws[0], start[0])  # training moved the weights
         for got, want in zip(ws, weights["naive"], strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11, err_msg=name)
+
+
+def test_numba_conv_relu_fusion_trains_the_same_bits(rng, monkeypatch):
+    """ConvNet runs a Conv2D and the ReLU after it as one where the backend has the contract's
+    "conv2d_relu" group: training and inference give the unfused layers' bits, and the fused
+    kernels are what ran (fails if the network stops fusing or the fusion changes a number)."""
+    from fastcnn.kernels import numba_jit
+
+    x, y = rng.random((12, 1, 14, 14)), rng.integers(0, 10, 12)
+    calls = {"conv2d_relu_forward": 0, "conv2d_relu_backward": 0}
+
+    def counting(name):
+        kernel = getattr(numba_jit, name)
+
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return kernel(*args, **kwargs)
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(numba_jit, name, counting(name))
+
+    def train():
+        with use_backend("numba"):
+            net = small_net(seed=5)  # two pairs: a 3x3 'same' and a strided convolution
+            net.fit(x, y, epochs=1, batch_size=4, lr=0.1, seed=3)
+            net.eval()
+            logits = net.forward(x)
+        return [p.copy() for layer in net.layers for p in layer.params.values()] + [logits]
+
+    fused = train()
+    assert calls == {"conv2d_relu_forward": 2 * 3 + 2, "conv2d_relu_backward": 2 * 3}
+    monkeypatch.setattr(numba_jit, "OPTIONAL", numba_jit.OPTIONAL - {"conv2d_relu"})
+    unfused = train()
+    assert calls["conv2d_relu_forward"] == 8  # not called again
+    for got, want in zip(fused, unfused, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_conv_relu_fusion_survives_a_backend_switch_before_backward(rng):
+    """A fused forward on numba, then the backward pass on naive: the ReLU's mask is applied by
+    the naive backend instead, and the gradients are naive's own (to rounding)."""
+    x, y = rng.random((4, 1, 14, 14)), rng.integers(0, 10, 4)
+    grads = {}
+    for forward_on in ("numba", "naive"):
+        net = small_net(seed=5)
+        with use_backend(forward_on):
+            loss = net.loss.forward(net.forward(x), y)
+        with use_backend("naive"):
+            net.backward(net.loss.backward())
+        assert np.isfinite(loss)
+        grads[forward_on] = [g.copy() for layer in net.layers for g in layer.grads.values()]
+    for got, want in zip(grads["numba"], grads["naive"], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
 
 
 # The share of kernels/numba_jit.py's lines that the run without the JIT must execute: all. A
@@ -352,8 +436,13 @@ def test_conv_keeps_nan_and_inf(fast, rng, case, dtype, bad):
         assert_nan_rule(fast.conv2d_grad_input(args["dy"], args["w"], x.shape, stride, pad),
                         want, dtype, f"dx, {bad} in {name}")
         assert_fused_backward_is_the_same(fast, x, args["w"], b, args["dy"], stride, pad)
+        assert_relu_fusion_is_the_same(fast, x, args["w"], b, args["dy"], stride, pad)
     assert_fused_backward_is_the_same(fast, poison(rng, x, values=values), wt, b, dy, stride,
                                       pad)
+    for name in ("x", "b"):  # through the fused ReLU: forward and both gradients
+        args = {"x": x, "b": b}
+        args[name] = poison(rng, args[name], values=values)
+        assert_relu_fusion_is_the_same(fast, args["x"], wt, args["b"], dy, stride, pad)
 
 
 @nan_ok
