@@ -167,6 +167,58 @@ def test_the_tuner_probes_again_after_a_while(restore_threads):
         assert used[-5:] == [threads.max_threads()] * 5
 
 
+def machine(clock, top, others):
+    """Fake /proc/stat and own CPU time, advancing with the fake clock: every core busy, this
+    process using all but `others` of them."""
+    def cpu_times():  # (idle, all) jiffies: none idle
+        return 0.0, clock.now * threads._TICKS * top
+
+    def own_cpu():
+        return clock.now * (top - others)
+    return {"cpu_times": cpu_times, "own_cpu": own_cpu}
+
+
+@needs_two
+def test_the_tuner_tries_fewer_threads_only_when_others_use_the_cores(restore_threads):
+    """A probe on cores nobody else uses keeps all of them without trying fewer (each batch on
+    fewer threads is a loss there); with a core used by another process it tries every count
+    and picks the fastest."""
+    threads.set_num_threads("auto")
+    top = threads.max_threads()
+    for others, want in ((0, {top}), (1, set(threads.candidate_counts(top)))):
+        clock = FakeClock()
+        with threads.Tuner(reprobe_s=30.0, clock=clock, **machine(clock, top, others)) as tuner:
+            used = run_batches(tuner, clock, lambda n: 1.0 if n == 1 else 1.2, 200)
+        assert set(used) == want, others  # (200 batches: several re-probes, 30 s apart)
+        if others:
+            assert used[-5:] == [1] * 5
+
+
+@needs_two
+def test_the_tuner_goes_back_to_all_cores_when_the_others_leave(restore_threads):
+    threads.set_num_threads("auto")
+    top = threads.max_threads()
+    clock = FakeClock()
+    others = [1]
+    fake = machine(clock, top, 1)
+    spent = {"at": 0.0, "cpu": 0.0}
+
+    def own_cpu():  # this process's CPU time grows by (top - others) cores a second
+        spent["cpu"] += (clock.now - spent["at"]) * (top - others[0])
+        spent["at"] = clock.now
+        return spent["cpu"]
+
+    def cost(n):
+        return 1.0 if others[0] and n == 1 else 3.0 / n
+
+    with threads.Tuner(reprobe_s=50.0, clock=clock, cpu_times=fake["cpu_times"],
+                       own_cpu=own_cpu) as tuner:
+        assert run_batches(tuner, clock, cost, 40)[-5:] == [1] * 5
+        others[0] = 0
+        used = run_batches(tuner, clock, cost, 200)
+        assert used[-5:] == [top] * 5
+
+
 def test_a_fixed_count_is_never_tuned(restore_threads):
     fastcnn.set_num_threads(1)
     clock = FakeClock()
