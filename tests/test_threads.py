@@ -52,6 +52,43 @@ def test_training_gives_the_same_result_on_one_thread_and_all(restore_threads, r
         np.testing.assert_array_equal(a, b)
 
 
+def test_the_same_bits_on_1_3_8_and_16_threads(tmp_path):
+    """The work split for many cores (tasks across batch, rows, filter and channel blocks, the
+    weight gradient's fixed parts) never depends on the thread count: a training run and a
+    batch-32 convolution backward give the same bits on 1, 3, 8 and 16 threads (16 threads
+    forced on whatever cores this machine has: NUMBA_NUM_THREADS=16)."""
+    import os
+
+    code = (
+        "import hashlib, numpy as np, fastcnn\n"
+        "from fastcnn.kernels import numba_jit as k\n"
+        "from fastcnn.models import complex_cnn\n"
+        "rng = np.random.default_rng(7)\n"
+        "x = rng.random((6, 1, 28, 28)).astype(np.float32); y = rng.integers(0, 10, 6)\n"
+        "a = rng.standard_normal((32, 32, 28, 28)).astype(np.float32)\n"
+        "w = rng.standard_normal((32, 32, 3, 3)).astype(np.float32)\n"
+        "b = np.zeros(32, np.float32)\n"
+        "for n in (1, 3, 8, 16):\n"
+        "    fastcnn.set_num_threads(n)\n"
+        "    h = hashlib.sha256()\n"
+        "    with fastcnn.use_backend('numba'):\n"
+        "        net = complex_cnn(seed=0)\n"
+        "        net.fit(x, y, epochs=1, batch_size=3, seed=0, verbose=False)\n"
+        "    for layer in net.layers:\n"
+        "        for p in layer.params.values(): h.update(p.tobytes())\n"
+        "    out, saved = k.conv2d_relu_forward(a, w, b, 1, 1)\n"
+        "    for part in k.conv2d_relu_backward(a, out - 0.5, out, w, 1, 1, True, saved):\n"
+        "        h.update(part.tobytes())\n"
+        "    print(n, fastcnn.get_num_threads(), h.hexdigest())\n")
+    env = dict(os.environ, NUMBA_NUM_THREADS="16")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line.split() for line in run.stdout.splitlines()]
+    assert [(n, used) for n, used, _ in lines] == [(str(n), str(n)) for n in (1, 3, 8, 16)]
+    assert len({digest for *_, digest in lines}) == 1, run.stdout
+
+
 def test_info_shows_threads_and_threading_layer():
     run = subprocess.run([sys.executable, "-m", "fastcnn.cli", "info", "--threads", "1"],
                          capture_output=True, text=True, timeout=300)
