@@ -147,13 +147,23 @@ class Worker:
                     return kernel(*args)
                 finally:
                     spent[kind] += time.perf_counter() - start
+            call.__wrapped__ = kernel
             return call
+
+        def kind(kernel):
+            return "layout" if "lay_out" in kernel.__name__ else "kernel"
 
         saved = {}
         for name, obj in vars(numba_jit).items():
             if isinstance(obj, CPUDispatcher) and obj.targetoptions.get("parallel"):
                 saved[name] = obj
-                setattr(numba_jit, name, timed("layout" if "lay_out" in name else "kernel", obj))
+                setattr(numba_jit, name, timed(kind(obj), obj))
+        run = saved["_run"] = numba_jit._run  # a kernel or its serial twin: timed as one
+
+        def run_timed(kernel, serial, *args):
+            kernel = getattr(kernel, "__wrapped__", kernel)
+            return timed(kind(kernel), run)(kernel, serial, *args)
+        numba_jit._run = run_timed
         for name in ("_tiled_forward", "_chunked_grad_weight"):  # compiled wrappers of kernels
             make = saved[name] = getattr(numba_jit, name)
             setattr(numba_jit, name, lambda *a, _make=make: timed("kernel", _make(*a)))

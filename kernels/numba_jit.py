@@ -10,9 +10,10 @@ The contract (shapes, dtypes, argmax format, tie rule) is in ``_contract.py``.
 from __future__ import annotations
 
 import platform
+from types import FunctionType
 
 import numpy as np
-from numba import config, literally, njit, prange, types
+from numba import config, get_num_threads, literally, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -31,6 +32,47 @@ _inlined = njit(inline="always", fastmath=FASTMATH)
 # Elementwise work on fewer values than this runs on one thread: waking the thread pool costs
 # more than the loop (the simple model at batch 10 is dominated by such per-call costs).
 _PARALLEL_MIN = 1 << 17
+# Likewise a convolution or dense layer under this many FLOPs per thread runs on the calling
+# thread (its serial twin): a parallel region costs a wake-up of every thread, and one whose
+# threads wait for a busy core costs a time slice. Measured on 2 Zen 4 cores (conv2d_forward,
+# batch 1): 2 threads ran 0.92x / 0.96-1.00x / 1.07-1.09x / 1.22x one thread's speed at
+# 0.11 / 0.23-0.45 / 0.9 / 3.6 MFLOP idle, and 0.46x at 0.11 MFLOP beside a busy core.
+# Per thread, because waking more threads costs more (a model: not measured beyond 2 cores).
+_SERIAL_FLOPS_PER_THREAD = 250_000
+# Max pooling does more per value than the elementwise kernels: parallel from 32k values on
+# (2x2, 2 threads: 7.6 us either way at 25k values, 14 vs 19 us at 63k; serial 2.3 vs 3.2 us
+# at 6k).
+_POOL_PARALLEL_MIN = 1 << 15
+
+
+def _twin(kernel):
+    """The serial twin of a parallel kernel: the same Python function compiled without
+    threads (prange runs as range), under a name of its own, since Numba's on-disk cache is
+    keyed by the function's name, not its flags."""
+    fn = getattr(kernel, "py_func", kernel)  # (NUMBA_DISABLE_JIT=1: the function itself)
+    copy = FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__,
+                        fn.__closure__)
+    copy.__qualname__, copy.__doc__ = fn.__qualname__ + "_serial", fn.__doc__
+    copy.__module__ = fn.__module__
+    return _serial(copy)
+
+
+_TWINS = {}
+
+
+def _serially(flops):
+    """Whether work of ``flops`` is too little to pay for waking the threads."""
+    return flops < _SERIAL_FLOPS_PER_THREAD * get_num_threads()
+
+
+def _run(kernel, serial, *args):
+    """kernel(*args), or, if ``serial``, its serial twin's."""
+    if serial:
+        twin = _TWINS.get(kernel)
+        if twin is None:
+            twin = _TWINS[kernel] = _twin(kernel)
+        kernel = twin
+    return kernel(*args)
 
 
 # -- two low-level helpers for the register-tiled convolution ---------------------------------
@@ -158,19 +200,21 @@ def conv_tile(ow, itemsize, bits=VECTOR_BITS, registers=VECTOR_REGISTERS):
     return fb, vectors * lanes
 
 
-def _channel_planes(x, top, left, hp, wp, slack=0, channels=None, relu_output=None):
+def _channel_planes(x, top, left, hp, wp, slack=0, channels=None, relu_output=None,
+                    serial=False):
     """x (N, C, H, W) laid out channel-major, (C, N*hp*wp + slack): every image's plane of one
     channel after the other, so one flat loop runs across the whole batch. Each H x W plane sits
     at (top, left) of an hp x wp plane of zeros; `slack` more zeros end every channel's row, and
     `channels` (>= C) rows of zeros in all. With `relu_output` (x's shape), x is a gradient
     arriving at a ReLU, laid out as relu_backward(x, relu_output) would give it: the ReLU's
-    backward pass fused into the layout (one pass over dy instead of two)."""
+    backward pass fused into the layout (one pass over dy instead of two). serial: on the
+    calling thread (a small convolution's)."""
     n, ch = x.shape[:2]
     out = np.empty((channels or ch, n * hp * wp + slack), x.dtype)
     x = np.ascontiguousarray(x)
     masked = relu_output is not None
     mask = np.ascontiguousarray(relu_output) if masked else x
-    _lay_out_planes(x, top, left, hp, wp, out, mask, masked)
+    _run(_lay_out_planes, serial, x, top, left, hp, wp, out, mask, masked)
     return out
 
 
@@ -381,26 +425,38 @@ def _conv3x3_grad_weight_s1(xf, dyf, wp, dw, db, L, doff, n):
 
 
 _TILED = {}
+_conv3x3_forward_s1_serial = _twin(_conv3x3_forward_s1)
+_conv3x3_forward_across_serial = _twin(_conv3x3_forward_across)
 
 
-def _tiled_forward(fb, v, across):
+def _tiled_forward(fb, v, across, serial=False):
     """The forward kernel for one tile shape, as a compiled function whose fb and v are
     constants. (Calling _conv3x3_forward_s1 with literal arguments from Python would go
     through Numba's literal dispatch on every call: ~30 ms. From compiled code they are resolved
-    once; Numba caches the closure with its constants.)"""
-    kernel = _TILED.get((fb, v, across))
+    once; Numba caches the closure with its constants.) serial: the kernel's serial twin."""
+    kernel = _TILED.get((fb, v, across, serial))
     if kernel is None:
         size = fb * v
-        if across:
+        # NOTE: four closures, each naming its kernel: a closure that captured the kernel as a
+        # variable would miss Numba's cache on every run (it can't hash a captured dispatcher).
+        if across and serial:
+            @_serial
+            def kernel(xf, wg, b, hp, wp, y, relu):
+                _conv3x3_forward_across_serial(xf, wg, b, hp, wp, y, relu, fb, v, size)
+        elif across:
             @_serial
             def kernel(xf, wg, b, hp, wp, y, relu):
                 _conv3x3_forward_across(xf, wg, b, hp, wp, y, relu, fb, v, size)
+        elif serial:
+            @_serial
+            def kernel(xf, wg, b, hp, wp, y, relu):
+                _conv3x3_forward_s1_serial(xf, wg, b, hp, wp, y, relu, fb, v, size)
         else:
             @_serial
             def kernel(xf, wg, b, hp, wp, y, relu):
                 _conv3x3_forward_s1(xf, wg, b, hp, wp, y, relu, fb, v, size)
 
-        _TILED[fb, v, across] = kernel
+        _TILED[fb, v, across, serial] = kernel
     return kernel
 
 
@@ -410,14 +466,16 @@ def _forward(x, w, b, stride, ph, pw, shape, tile=None, keep=False, xf=None, rel
     of the convolution, applied as each output is stored."""
     y = np.empty(shape, x.dtype)
     w = np.ascontiguousarray(w)
+    serial = _serially(2 * y.size * w[0].size)
     if stride == 1 and w.shape[2:] == (3, 3):
         hp, wp = x.shape[2] + 2 * ph, x.shape[3] + 2 * pw
         fb, v = tile or conv_tile(shape[3], x.dtype.itemsize)
         if xf is None:
-            xf = _channel_planes(x, ph, pw, hp, wp, _tile_slack(wp, v))
-        _tiled_forward(fb, v, 2 * wp <= v)(xf, _filter_groups(w, fb), b, hp, wp, y, relu)
+            xf = _channel_planes(x, ph, pw, hp, wp, _tile_slack(wp, v), serial=serial)
+        kernel = _tiled_forward(fb, v, 2 * wp <= v, serial)
+        kernel(xf, _filter_groups(w, fb), b, hp, wp, y, relu)
     else:  # other kernel sizes and strides: the plain direct convolution
-        _conv_forward(_padded(x, ph, pw), w, b, stride, y)
+        _run(_conv_forward, serial, _padded(x, ph, pw), w, b, stride, y)
         xf = None
         if relu:  # in place, after it
             flat = y.reshape(-1)
@@ -803,10 +861,11 @@ def maxpool2d_forward(x, size, stride, with_argmax=True):
     y = np.empty(shape, x.dtype)
     argmax = np.empty(shape if with_argmax else (0, 0, 0, 0), np.int64)
     x = np.ascontiguousarray(x)
+    serial = x.size < _POOL_PARALLEL_MIN
     if size == 2 and stride == 2:  # the seed's models pool only this way
-        (_pool2x2_forward if with_argmax else _pool2x2_values)(x, y, argmax)
+        _run(_pool2x2_forward if with_argmax else _pool2x2_values, serial, x, y, argmax)
     else:
-        _pool_forward(x, size, stride, y, argmax)
+        _run(_pool_forward, serial, x, size, stride, y, argmax)
     return y, (argmax if with_argmax else None)
 
 
@@ -928,7 +987,8 @@ def dense_forward(x, w, b):
     """y = x w^T + b: x (N, IN), w (OUT, IN), b (OUT,) -> (N, OUT)."""
     c.check_dense_forward(x, w, b)
     y = np.zeros((x.shape[0], w.shape[0]), x.dtype)
-    _dense_forward(np.ascontiguousarray(x), np.ascontiguousarray(w), b, y)
+    _run(_dense_forward, _serially(2 * y.size * x.shape[1]), np.ascontiguousarray(x),
+         np.ascontiguousarray(w), b, y)
     return y
 
 
@@ -989,8 +1049,9 @@ def dense_backward(dy, x, w):
     dx = np.empty(x.shape, dy.dtype)
     dw = np.empty(w.shape, dy.dtype)
     db = np.zeros(w.shape[0], dy.dtype)
-    _matmul(dy, np.ascontiguousarray(w), dx)
-    _matmul(np.ascontiguousarray(dy.T), np.ascontiguousarray(x), dw)
+    serial = _serially(2 * dx.size * dy.shape[1])  # (dw: as many multiply-adds)
+    _run(_matmul, serial, dy, np.ascontiguousarray(w), dx)
+    _run(_matmul, serial, np.ascontiguousarray(dy.T), np.ascontiguousarray(x), dw)
     _column_sums(dy, db)
     return dx, dw, db
 
@@ -1228,6 +1289,9 @@ def batchnorm_inference(x, gamma, beta, mean, var, eps):
     eps = c.check_batchnorm(x, gamma, beta, eps, (("mean", mean), ("var", var)))
     x = np.ascontiguousarray(x)
     y = np.empty_like(x)
+    # NOTE: no serial twin here: its compiled affine loop may fuse x * a + b into one FMA where
+    # the parallel one doesn't (last-bit differences, float64), and the numbers must not depend
+    # on the batch size
     _batchnorm_inference(x, gamma, beta, mean, var, eps, y)
     return y
 

@@ -269,6 +269,61 @@ def test_numba_conv_relu_fusion_trains_the_same_bits(rng, monkeypatch):
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numba_small_calls_run_serially_and_give_the_same_bits(rng, monkeypatch, dtype):
+    """Below a FLOP (or value) count, the numba kernels run their serial twins on the calling
+    thread: the same numbers as the parallel kernels, and the twins really run (a serial copy
+    compiled under a name of its own, kept in _TWINS)."""
+    from fastcnn.kernels import numba_jit as nj
+
+    x = rng.standard_normal((2, 3, 10, 9)).astype(dtype)
+    w3, w2 = (rng.standard_normal((5, 3, k, k)).astype(dtype) for k in (3, 2))
+    b = rng.standard_normal(5).astype(dtype)
+    a, wd = rng.standard_normal((3, 20)).astype(dtype), rng.standard_normal((7, 20)).astype(dtype)
+    g, bd = rng.standard_normal((3, 7)).astype(dtype), rng.standard_normal(7).astype(dtype)
+
+    def every_kernel():
+        return [nj.conv2d_forward(x, w3, b, 1, 1), *nj.conv2d_relu_forward(x, w3, b, 1, 1),
+                nj.conv2d_forward(x, w2, b, 2, 1), nj.conv2d_relu_forward(x, w2, b, 1, 0)[0],
+                nj.conv2d_grad_input(nj.conv2d_forward(x, w3, b, 1, 1), w3, x.shape, 1, 1),
+                *nj.maxpool2d_forward(x, 2, 2), nj.maxpool2d_forward(x, 2, 2, False)[0],
+                *nj.maxpool2d_forward(x, 3, 2), nj.dense_forward(a, wd, bd),
+                *nj.dense_backward(g, a, wd)]
+
+    monkeypatch.setattr(nj, "_SERIAL_FLOPS_PER_THREAD", 0)
+    monkeypatch.setattr(nj, "_POOL_PARALLEL_MIN", 0)
+    monkeypatch.setattr(nj, "_PARALLEL_MIN", 0)
+    monkeypatch.setattr(nj, "_TWINS", {})
+    parallel = every_kernel()
+    assert not nj._TWINS
+    monkeypatch.setattr(nj, "_SERIAL_FLOPS_PER_THREAD", 10**12)
+    monkeypatch.setattr(nj, "_POOL_PARALLEL_MIN", 10**12)
+    monkeypatch.setattr(nj, "_PARALLEL_MIN", 10**12)
+    serial = every_kernel()
+    for got, want in zip(serial, parallel, strict=True):
+        np.testing.assert_array_equal(got, want)
+    twins = {kernel.__name__ for kernel in nj._TWINS}
+    assert twins >= {"_lay_out_planes", "_conv_forward", "_pool2x2_forward", "_pool2x2_values",
+                     "_pool_forward", "_dense_forward", "_matmul"}
+    assert nj._conv3x3_forward_s1_serial.__name__ == "_conv3x3_forward_s1_serial"
+
+
+def test_an_image_gets_the_same_logits_alone_and_in_a_batch_on_numba(rng):
+    """One image runs the numba backend's serial twins (too little work for the threads), a
+    batch of 64 the parallel kernels: the image's logits are the same bits either way."""
+    if NO_JIT:
+        pytest.skip("compiled kernels only (a batch of 64 through the complex model)")
+    from fastcnn.models import complex_cnn
+
+    net = complex_cnn(seed=1)
+    net.eval()
+    x = rng.random((64, 1, 28, 28)).astype(np.float32)
+    with use_backend("numba"):
+        batch = net.forward(x)
+        for i in (0, 37):
+            np.testing.assert_array_equal(net.forward(x[i : i + 1])[0], batch[i])
+
+
 def test_conv_relu_fusion_survives_a_backend_switch_before_backward(rng):
     """A fused forward on numba, then the backward pass on naive: the ReLU's mask is applied by
     the naive backend instead, and the gradients are naive's own (to rounding)."""
