@@ -210,8 +210,9 @@ def threading_layer() -> str:
 
     try:
         return numba.threading_layer()
-    except ValueError:  # no parallel kernel has run yet: run a tiny one
-        numba_jit.relu_forward(np.zeros(1, np.float32))
+    except ValueError:  # no parallel kernel has run yet: run a tiny one (the parallel
+        a = np.zeros(1, np.float32)  # kernel itself: relu_forward would run its serial twin)
+        numba_jit._relu_forward(a, a)
         return numba.threading_layer()
 
 

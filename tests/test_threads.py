@@ -96,6 +96,16 @@ def test_info_shows_threads_and_threading_layer():
     assert "1 threads" in run.stdout and "threading layer" in run.stdout
 
 
+def test_threading_layer_is_known_in_a_fresh_process():
+    """Before any parallel kernel ran, threading_layer() runs one (not a kernel's serial twin,
+    which would leave the layer unstarted) and names it."""
+    code = "from fastcnn import threads; print(threads.threading_layer())"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() in {"tbb", "omp", "workqueue"}
+
+
 def test_retain_freed_memory_reports_whether_it_applied():
     import platform
 
