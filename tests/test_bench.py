@@ -178,3 +178,20 @@ def test_the_scaling_harness_prints_its_tables(tmp_path):
     rows = re.findall(r"^complex\.conv\d \| (forward|grad_weight|grad_input) \| \d+ \(\d+%\)",
                       out, re.M)
     assert len(rows) == 9, out
+
+
+def test_fit_against_a_plain_torch_loop_prints_both_speeds():
+    """bench/fit_vs_torch.py end to end at tiny settings (PyTorch is its opponent)."""
+    import re
+    from pathlib import Path
+
+    pytest.importorskip("torch")
+    script = Path(__file__).resolve().parent.parent / "bench" / "fit_vs_torch.py"
+    run = subprocess.run([sys.executable, str(script), "--model", "simple", "--batch", "8",
+                          "--images", "64", "--rounds", "2"], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    line = re.search(r"^batch 8: fastcnn fit ([\d,]+), ([\d,]+) img/s; PyTorch loop ([\d,]+), "
+                     r"([\d,]+); median ratio ([\d.]+)x$", run.stdout, re.M)
+    assert line, run.stdout
+    assert all(int(v.replace(",", "")) > 0 for v in line.groups()[:4]) and float(line[5]) > 0
