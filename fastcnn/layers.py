@@ -227,6 +227,49 @@ class MaxPool2D(Layer):
         return {"pool_size": self.pool_size, "stride": self.stride}
 
 
+class AvgPool2D(Layer):
+    """Average pooling over pool_size x pool_size windows (stride defaults to pool_size), NCHW."""
+
+    def __init__(self, pool_size=2, stride=None):
+        super().__init__()
+        self.pool_size = _contract.check_int("pool_size", pool_size, 1)
+        self.stride = self.pool_size if stride is None else _contract.check_int("stride", stride, 1)
+
+    def output_shape(self, shape):
+        if len(shape) != 3:
+            raise ValueError(f"{self!r} expects input (C, H, W), got {tuple(shape)}")
+        oh, ow = _contract.pool_output_size(shape[1], shape[2], self.pool_size, self.stride)
+        return (shape[0], oh, ow)
+
+    def forward(self, x):
+        self._shape = x.shape
+        return kernels().avgpool2d_forward(x, self.pool_size, self.stride)
+
+    def backward(self, dy, need_dx=True):
+        if not need_dx:
+            return None
+        return kernels().avgpool2d_backward(dy, self._shape, self.pool_size, self.stride)
+
+    def config(self):
+        return {"pool_size": self.pool_size, "stride": self.stride}
+
+
+class GlobalAvgPool2D(Layer):
+    """The mean of every channel's plane: (N, C, H, W) -> (N, C), ready for a Dense layer."""
+
+    def output_shape(self, shape):
+        if len(shape) != 3:
+            raise ValueError(f"{self!r} expects input (C, H, W), got {tuple(shape)}")
+        return (shape[0],)
+
+    def forward(self, x):
+        self._shape = x.shape
+        return kernels().global_avgpool_forward(x)
+
+    def backward(self, dy, need_dx=True):
+        return kernels().global_avgpool_backward(dy, self._shape) if need_dx else None
+
+
 class Flatten(Layer):
     """(N, C, H, W) -> (N, C*H*W), a view."""
 
@@ -417,5 +460,5 @@ class SoftmaxCrossEntropy:
         return self._dlogits
 
 
-LAYER_TYPES = {cls.__name__: cls for cls in (Conv2D, ReLU, MaxPool2D, Flatten, Dense, Dropout,
-                                              BatchNorm2D, BatchNorm1D)}
+LAYER_TYPES = {cls.__name__: cls for cls in (Conv2D, ReLU, MaxPool2D, AvgPool2D, GlobalAvgPool2D,
+                                              Flatten, Dense, Dropout, BatchNorm2D, BatchNorm1D)}

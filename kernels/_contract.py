@@ -75,6 +75,11 @@ SIGNATURES = {
     "conv2d_grad_input": "(dy, w, input_shape, stride, pad)",
     "maxpool2d_forward": "(x, size, stride, with_argmax=True)",
     "maxpool2d_backward": "(dy, argmax, input_shape, size, stride)",
+    "avgpool2d_forward": "(x, size, stride)",
+    "avgpool2d_backward": "(dy, input_shape, size, stride)",
+    "global_avgpool_forward": "(x)",
+    "global_avgpool_backward": "(dy, input_shape)",
+    "add": "(a, b)",
     "relu_forward": "(x)",
     "relu_backward": "(dy, y)",
     "dense_forward": "(x, w, b)",
@@ -269,6 +274,33 @@ def check_pool_backward(dy, argmax, input_shape, size, stride):
     if argmax.dtype.kind not in "iu":
         raise TypeError(f"argmax must hold integers, got {argmax.dtype}")
     return input_shape, size, stride
+
+
+def check_avgpool_backward(dy, input_shape, size, stride):
+    check_array("dy", dy, 4)
+    input_shape = check_shape4("input_shape", input_shape)
+    size = check_int("size", size, 1)
+    stride = check_int("stride", stride, 1)
+    n, c, h, w = input_shape
+    oh, ow = pool_output_size(h, w, size, stride)
+    if dy.shape != (n, c, oh, ow):
+        raise ValueError(f"dy must have shape {(n, c, oh, ow)}, got {dy.shape}")
+    return input_shape, size, stride
+
+
+def check_global_avgpool_backward(dy, input_shape):
+    check_array("dy", dy, 2)
+    input_shape = check_shape4("input_shape", input_shape)
+    if dy.shape != input_shape[:2]:
+        raise ValueError(f"dy must have shape {input_shape[:2]} (N, C), got {dy.shape}")
+    return input_shape
+
+
+def check_add(a, b):
+    check_array("a", a)
+    check_array("b", b, a.ndim, a.dtype)
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same shape, got {a.shape} and {b.shape}")
 
 
 def argmax_range_error(h, w, outside):

@@ -135,6 +135,77 @@ def maxpool2d_backward(dy, argmax, input_shape, size, stride):
     return dx
 
 
+def avgpool2d_forward(x, size, stride):
+    """y[n, c, i, j] = (sum_{p, q < size} x[n, c, i*stride + p, j*stride + q]) / size^2, the
+    window summed in row-major order."""
+    size, stride, (N, C, OH, OW) = c.check_pool_forward(x, size, stride)
+    y = np.zeros((N, C, OH, OW), x.dtype)
+    for n in range(N):
+        for ch in range(C):
+            for i in range(OH):
+                for j in range(OW):
+                    total = x.dtype.type(0)
+                    for p in range(size):
+                        for q in range(size):
+                            total += x[n, ch, i * stride + p, j * stride + q]
+                    y[n, ch, i, j] = total / (size * size)
+    return y
+
+
+def avgpool2d_backward(dy, input_shape, size, stride):
+    """dx[n, c, h, v] = sum of dy[n, c, i, j] / size^2 over the windows (i, j) holding (h, v)."""
+    (N, C, H, W), size, stride = c.check_avgpool_backward(dy, input_shape, size, stride)
+    OH, OW = dy.shape[2:]
+    dx = np.zeros((N, C, H, W), dy.dtype)
+    for n in range(N):
+        for ch in range(C):
+            for i in range(OH):
+                for j in range(OW):
+                    share = dy[n, ch, i, j] / (size * size)
+                    for p in range(size):
+                        for q in range(size):
+                            dx[n, ch, i * stride + p, j * stride + q] += share
+    return dx
+
+
+def global_avgpool_forward(x):
+    """y[n, c] = (sum_{h, v} x[n, c, h, v]) / (H * W), in row-major order: (N, C, H, W) ->
+    (N, C)."""
+    c.check_array("x", x, 4)
+    N, C, H, W = x.shape
+    y = np.zeros((N, C), x.dtype)
+    for n in range(N):
+        for ch in range(C):
+            total = x.dtype.type(0)
+            for h in range(H):
+                for v in range(W):
+                    total += x[n, ch, h, v]
+            y[n, ch] = total / (H * W)
+    return y
+
+
+def global_avgpool_backward(dy, input_shape):
+    """dx[n, c, h, v] = dy[n, c] / (H * W) at every (h, v) of the plane."""
+    N, C, H, W = c.check_global_avgpool_backward(dy, input_shape)
+    dx = np.zeros((N, C, H, W), dy.dtype)
+    for n in range(N):
+        for ch in range(C):
+            share = dy[n, ch] / (H * W)
+            for h in range(H):
+                for v in range(W):
+                    dx[n, ch, h, v] = share
+    return dx
+
+
+def add(a, b):
+    """a + b, elementwise: the residual connection (and, backward, two branches' gradients)."""
+    c.check_add(a, b)
+    out = np.zeros_like(a)
+    for idx in np.ndindex(a.shape):
+        out[idx] = a[idx] + b[idx]
+    return out
+
+
 def relu_forward(x):
     """y = 0 where x <= 0, else x (so a NaN passes through)."""
     c.check_array("x", x)

@@ -912,6 +912,118 @@ def maxpool2d_backward(dy, argmax, input_shape, size, stride):
     return dx.reshape(n, ch, h, w)
 
 
+# -- average pooling and the residual add ------------------------------------------------------
+
+
+@_parallel
+def _avgpool_forward(x, size, stride, y):
+    N, C = x.shape[0], x.shape[1]
+    OH, OW = y.shape[2], y.shape[3]
+    scale = size * size
+    for t in prange(N * C):  # one plane per task
+        n, ch = t // C, t % C
+        for i in range(OH):
+            out = y[n, ch, i]
+            for j in range(OW):
+                total = out[j]  # y starts zeroed: a zero in x's dtype
+                for p in range(size):
+                    row = x[n, ch, i * stride + p]
+                    for q in range(size):
+                        total += row[j * stride + q]
+                out[j] = total / scale
+
+
+@_parallel
+def _avgpool_backward(dy, size, stride, dx):
+    N, C = dy.shape[0], dy.shape[1]
+    OH, OW = dy.shape[2], dy.shape[3]
+    scale = size * size
+    for t in prange(N * C):  # one plane per task: overlapping windows add up in it
+        n, ch = t // C, t % C
+        for i in range(OH):
+            g = dy[n, ch, i]
+            for j in range(OW):
+                share = g[j] / scale
+                for p in range(size):
+                    row = dx[n, ch, i * stride + p]
+                    for q in range(size):
+                        row[j * stride + q] += share
+
+
+def avgpool2d_forward(x, size, stride):
+    """The mean of every size x size window moved by stride: (N, C, OH, OW)."""
+    size, stride, shape = c.check_pool_forward(x, size, stride)
+    y = np.zeros(shape, x.dtype)
+    _run(_avgpool_forward, x.size < _POOL_PARALLEL_MIN, np.ascontiguousarray(x), size, stride,
+         y)
+    return y
+
+
+def avgpool2d_backward(dy, input_shape, size, stride):
+    """dy / size^2 added to every value of its window."""
+    input_shape, size, stride = c.check_avgpool_backward(dy, input_shape, size, stride)
+    dx = np.zeros(input_shape, dy.dtype)
+    _run(_avgpool_backward, dx.size < _POOL_PARALLEL_MIN, np.ascontiguousarray(dy), size, stride,
+         dx)
+    return dx
+
+
+@_parallel
+def _plane_means(x, y):
+    """y[r] = mean of row r of x (rows: planes), summed in order."""
+    L = x.shape[1]
+    for r in prange(x.shape[0]):
+        row = x[r]
+        total = y[r]  # zero
+        for k in range(L):
+            total += row[k]
+        y[r] = total / L
+
+
+@_parallel
+def _spread(dy, dx):
+    """dx[r, k] = dy[r] / L for every k of row r."""
+    L = dx.shape[1]
+    for r in prange(dx.shape[0]):
+        share = dy[r] / L
+        row = dx[r]
+        for k in range(L):
+            row[k] = share
+
+
+def global_avgpool_forward(x):
+    """(N, C, H, W) -> (N, C): the mean of every plane."""
+    c.check_array("x", x, 4)
+    n, ch, h, w = x.shape
+    y = np.zeros(n * ch, x.dtype)
+    _run(_plane_means, x.size < _PARALLEL_MIN, np.ascontiguousarray(x).reshape(n * ch, h * w),
+         y)
+    return y.reshape(n, ch)
+
+
+def global_avgpool_backward(dy, input_shape):
+    """dy[n, c] / (H * W) at every value of plane (n, c)."""
+    n, ch, h, w = c.check_global_avgpool_backward(dy, input_shape)
+    dx = np.empty((n * ch, h * w), dy.dtype)
+    _run(_spread, dx.size < _PARALLEL_MIN, np.ascontiguousarray(dy).reshape(-1), dx)
+    return dx.reshape(n, ch, h, w)
+
+
+@_parallel
+def _add(a, b, out):
+    for i in prange(a.size):
+        out[i] = a[i] + b[i]
+
+
+def add(a, b):
+    """a + b, elementwise (the residual connection)."""
+    c.check_add(a, b)
+    out = np.empty(a.shape, a.dtype)
+    _run(_add, a.size < _PARALLEL_MIN, np.ascontiguousarray(a).reshape(-1),
+         np.ascontiguousarray(b).reshape(-1), out.reshape(-1))
+    return out
+
+
 # -- elementwise, dense, loss -----------------------------------------------------------------
 
 

@@ -113,6 +113,53 @@ def maxpool2d_backward(dy, argmax, input_shape, size, stride):
     return dx.astype(dy.dtype, copy=False).reshape(n, ch, h, w)
 
 
+def _windows(size, stride, oh, ow):
+    """(p, q, the rows and columns of x that tap (p, q) of every window reads), row-major."""
+    for p in range(size):
+        for q in range(size):
+            yield (slice(p, p + stride * (oh - 1) + 1, stride),
+                   slice(q, q + stride * (ow - 1) + 1, stride))
+
+
+def avgpool2d_forward(x, size, stride):
+    """Each window's mean: its size^2 taps summed as strided views of x, in row-major order."""
+    size, stride, (n, ch, oh, ow) = c.check_pool_forward(x, size, stride)
+    total = np.zeros((n, ch, oh, ow), x.dtype)
+    for rows, cols in _windows(size, stride, oh, ow):
+        total += x[:, :, rows, cols]
+    return total / x.dtype.type(size * size)
+
+
+def avgpool2d_backward(dy, input_shape, size, stride):
+    """dy / size^2 added to every tap of its window (overlapping windows accumulate)."""
+    (n, ch, h, w), size, stride = c.check_avgpool_backward(dy, input_shape, size, stride)
+    dx = np.zeros((n, ch, h, w), dy.dtype)
+    share = dy / dy.dtype.type(size * size)
+    for rows, cols in _windows(size, stride, *dy.shape[2:]):
+        dx[:, :, rows, cols] += share
+    return dx
+
+
+def global_avgpool_forward(x):
+    """(N, C, H, W) -> (N, C): each plane's mean."""
+    c.check_array("x", x, 4)
+    n, ch, h, w = x.shape
+    return x.reshape(n, ch, h * w).sum(axis=2) / x.dtype.type(h * w)
+
+
+def global_avgpool_backward(dy, input_shape):
+    """dy[n, c] / (H * W) spread over its plane."""
+    n, ch, h, w = c.check_global_avgpool_backward(dy, input_shape)
+    share = dy / dy.dtype.type(h * w)
+    return np.ascontiguousarray(np.broadcast_to(share[:, :, None, None], (n, ch, h, w)))
+
+
+def add(a, b):
+    """a + b, elementwise."""
+    c.check_add(a, b)
+    return a + b
+
+
 def relu_forward(x):
     """y = max(x, 0), elementwise (np.maximum propagates NaN)."""
     c.check_array("x", x)

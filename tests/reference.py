@@ -78,6 +78,27 @@ def maxpool2d_backward(dy, arg, shape):
     return dx
 
 
+def avgpool2d(x, size, stride):
+    """Each window's mean (float64 sums: a reference independent of the backends' order)."""
+    n, c, h, w = x.shape
+    oh, ow = (h - size) // stride + 1, (w - size) // stride + 1
+    y = np.zeros((n, c, oh, ow))
+    for r in range(oh):
+        for s in range(ow):
+            window = x[:, :, r * stride : r * stride + size, s * stride : s * stride + size]
+            y[:, :, r, s] = window.astype(np.float64).mean(axis=(2, 3))
+    return y.astype(x.dtype)
+
+
+def avgpool2d_backward(dy, shape, size, stride):
+    dx = np.zeros(shape)
+    for r in range(dy.shape[2]):
+        for s in range(dy.shape[3]):
+            dx[:, :, r * stride : r * stride + size, s * stride : s * stride + size] += (
+                dy[:, :, r, s, None, None] / (size * size))
+    return dx.astype(dy.dtype)
+
+
 def softmax_cross_entropy(logits, labels):
     n = len(labels)
     loss = 0.0

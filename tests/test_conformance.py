@@ -184,6 +184,31 @@ def test_pool_agrees_with_naive(fast, rng, case, dtype, ties):
                                **tol(dtype))
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # inf - inf, inf * 0: NaN by design
+@pytest.mark.parametrize("case", pool_grid(), ids=case_id)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_average_pooling_and_add_agree_with_naive(fast, rng, case, dtype):
+    """AvgPool2D, the global average and the residual add, forward and backward, against the
+    naive loops; then with NaN and infinities poisoned in (the NaN rule)."""
+    n, c, h, w, size, stride = case
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    dy = rng.standard_normal(NAIVE.avgpool2d_forward(x, size, stride).shape).astype(dtype)
+    dg = rng.standard_normal((n, c)).astype(dtype)
+    for bad in (False, True):
+        if bad:
+            x, dy, dg = (poison(rng, a, values=(np.nan, np.inf, -np.inf)) for a in (x, dy, dg))
+        pairs = [
+            (fast.avgpool2d_forward(x, size, stride), NAIVE.avgpool2d_forward(x, size, stride)),
+            (fast.avgpool2d_backward(dy, x.shape, size, stride),
+             NAIVE.avgpool2d_backward(dy, x.shape, size, stride)),
+            (fast.global_avgpool_forward(x), NAIVE.global_avgpool_forward(x)),
+            (fast.global_avgpool_backward(dg, x.shape), NAIVE.global_avgpool_backward(dg, x.shape)),
+            (fast.add(x, x[::-1].copy()), NAIVE.add(x, x[::-1].copy()))]
+        for i, (got, want) in enumerate(pairs):
+            assert got.shape == want.shape and got.dtype == dtype, i
+            assert_nan_rule(got, want, dtype, f"pair {i}, poisoned {bad}")
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_elementwise_dense_loss_agree_with_naive(fast, rng, dtype):
     x = rng.standard_normal((3, 2, 5, 4)).astype(dtype)

@@ -4,12 +4,14 @@ import numpy as np
 import pytest
 
 from fastcnn import (
+    AvgPool2D,
     BatchNorm1D,
     BatchNorm2D,
     Conv2D,
     Dense,
     Dropout,
     Flatten,
+    GlobalAvgPool2D,
     MaxPool2D,
     ReLU,
     SoftmaxCrossEntropy,
@@ -64,6 +66,20 @@ def test_maxpool_gradients(backend_name, rng, shape, size, stride):
     # A permutation of well-separated values: no ties, so the max is differentiable.
     x = rng.permutation(np.prod(shape)).reshape(shape).astype(F64) * 0.01
     check_layer(MaxPool2D(size, stride), x, rng)
+
+
+@pytest.mark.parametrize("shape,size,stride", [
+    ((1, 1, 4, 4), 2, None),
+    ((2, 2, 7, 5), 2, None),
+    ((1, 2, 7, 7), 3, 2),
+    ((2, 1, 5, 6), 3, 1),
+])
+def test_avgpool_gradients(backend_name, rng, shape, size, stride):
+    check_layer(AvgPool2D(size, stride), rng.standard_normal(shape), rng)
+
+
+def test_global_avgpool_gradient(backend_name, rng):
+    check_layer(GlobalAvgPool2D(), rng.standard_normal((3, 2, 5, 4)), rng)
 
 
 def test_relu_gradients(backend_name, rng):

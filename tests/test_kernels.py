@@ -105,6 +105,47 @@ def test_maxpool_matches_loops(k, rng, case, dtype):
     np.testing.assert_allclose(dx, ref.maxpool2d_backward(dy, arg_ref, x.shape), **tol(dtype))
 
 
+@pytest.mark.parametrize("case", POOL_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_avgpool_matches_loops(k, rng, case, dtype):
+    n, c, h, w, size, stride = case
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    y = k.avgpool2d_forward(x, size, stride)
+    assert y.dtype == dtype
+    np.testing.assert_allclose(y, ref.avgpool2d(x, size, stride), **tol(dtype))
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dx = k.avgpool2d_backward(dy, x.shape, size, stride)
+    assert dx.shape == x.shape and dx.dtype == dtype
+    np.testing.assert_allclose(dx, ref.avgpool2d_backward(dy, x.shape, size, stride),
+                               **tol(dtype))
+    g = k.global_avgpool_forward(x)
+    assert g.shape == (n, c) and g.dtype == dtype
+    np.testing.assert_allclose(g, x.astype(np.float64).mean(axis=(2, 3)), **tol(dtype))
+    dg = rng.standard_normal((n, c)).astype(dtype)
+    dxg = k.global_avgpool_backward(dg, x.shape)
+    assert dxg.shape == x.shape and dxg.dtype == dtype
+    np.testing.assert_allclose(dxg, np.broadcast_to(dg[:, :, None, None] / (h * w), x.shape),
+                               **tol(dtype))
+    b = rng.standard_normal(x.shape).astype(dtype)
+    np.testing.assert_array_equal(k.add(x, b), x + b)
+
+
+def test_pooling_and_add_reject_bad_input(k):
+    x = np.zeros((2, 3, 4, 4), np.float32)
+    with pytest.raises(ValueError, match="does not fit"):
+        k.avgpool2d_forward(x, 5, 1)
+    with pytest.raises(ValueError, match=r"dy must have shape \(2, 3, 2, 2\)"):
+        k.avgpool2d_backward(np.zeros((2, 3, 3, 3), np.float32), x.shape, 2, 2)
+    with pytest.raises(ValueError, match=r"dy must have shape \(2, 3\)"):
+        k.global_avgpool_backward(np.zeros((3, 2), np.float32), x.shape)
+    with pytest.raises(ValueError, match="x must have 4 dimensions"):
+        k.global_avgpool_forward(np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="same shape"):
+        k.add(x, np.zeros((2, 3, 4, 5), np.float32))
+    with pytest.raises(TypeError, match="float64"):
+        k.add(x, np.zeros(x.shape, np.float64))
+
+
 @pytest.mark.parametrize("size,stride", [(2, 2), (3, 1), (3, 2)])
 def test_maxpool_ties_go_to_the_first_maximum(k, rng, size, stride):
     # Values from {0, 1, 2} make most windows tie; constant planes tie everywhere.
@@ -236,6 +277,31 @@ def test_the_nan_rule_matches_pytorch(k, rng):
     np.testing.assert_array_equal(k.relu_forward(x), torch.relu(tx).numpy())
     pooled, _ = k.maxpool2d_forward(x, 2, 2)
     np.testing.assert_array_equal(pooled, torch.nn.functional.max_pool2d(tx, 2).numpy())
+    for got, want in ((k.avgpool2d_forward(x, 2, 2), torch.nn.functional.avg_pool2d(tx, 2)),
+                      (k.global_avgpool_forward(x), tx.mean(dim=(2, 3)))):
+        assert (np.isnan(got) == np.isnan(want.numpy())).all()
+        assert (np.isinf(got) == np.isinf(want.numpy())).all()
+
+
+@pytest.mark.parametrize("size,stride", [(2, 2), (3, 1), (3, 2)])
+def test_average_pooling_matches_pytorch(k, rng, size, stride):
+    """Forward and input gradient of AvgPool2D and the global average against autograd."""
+    torch = pytest.importorskip("torch")
+    x = rng.standard_normal((2, 3, 7, 6))
+    tx = torch.from_numpy(x).requires_grad_()
+    for ours, theirs in (
+            (lambda a: k.avgpool2d_forward(a, size, stride),
+             lambda t: torch.nn.functional.avg_pool2d(t, size, stride)),
+            (k.global_avgpool_forward, lambda t: t.mean(dim=(2, 3)))):
+        y = ours(x)
+        ty = theirs(tx)
+        np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-10, atol=1e-12)
+        dy = rng.standard_normal(y.shape)
+        tx.grad = None
+        ty.backward(torch.from_numpy(dy))
+        dx = (k.avgpool2d_backward(dy, x.shape, size, stride) if y.ndim == 4
+              else k.global_avgpool_backward(dy, x.shape))
+        np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-10, atol=1e-12)
 
 
 def test_a_padding_too_large_to_allocate_is_named_before_allocating(k):
