@@ -235,8 +235,7 @@ def _pcg64_state(value, name):
 def _check_generators(state, net):
     _pcg64_state(state["rng"], "rng")
     layer_rngs = _typed(state, "layer_rngs", dict)
-    want = {str(i) for i, layer in enumerate(net.layers) if getattr(layer, "rng", None)
-            is not None}
+    want = {path for path, layer in net.walk() if getattr(layer, "rng", None) is not None}
     if set(layer_rngs) != want:
         raise Invalid(f"layer_rngs names layers {sorted(layer_rngs)}, the model's layers with "
                       f"a generator are {sorted(want)}")

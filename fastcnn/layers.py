@@ -82,6 +82,14 @@ class Layer:
         """Constructor arguments, JSON-serialisable, for ``ConvNet.save``."""
         return {}
 
+    def children(self):
+        """The layers this one holds, as ``(name, layer)`` (containers only)."""
+        return ()
+
+    def flops(self, shape):
+        """Multiply-adds x 2 per image of per-sample input ``shape`` (0: negligible)."""
+        return 0
+
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "dtype")
         return f"{type(self).__name__}({args})"
@@ -124,6 +132,11 @@ class Conv2D(Layer):
         oh, ow = _contract.conv_output_size(shape[1], shape[2], *self.kernel_size,
                                             self.stride, self.pad)
         return (self.out_channels, oh, ow)
+
+    def flops(self, shape):
+        _, oh, ow = self.output_shape(shape)
+        kh, kw = self.kernel_size
+        return 2 * self.out_channels * self.in_channels * kh * kw * oh * ow
 
     def forward(self, x, relu=False):
         """y; with relu, the ReLU of y: the ReLU layer after this one fused in (ConvNet does
@@ -311,6 +324,9 @@ class Dense(Layer):
                              f"{shape[0]} features, but in_features is {self.in_features}")
         return (self.out_features,)
 
+    def flops(self, shape):
+        return 2 * self.in_features * self.out_features
+
     def forward(self, x):
         self._x = x
         return kernels().dense_forward(x, self.params["weight"], self.params["bias"])
@@ -447,6 +463,299 @@ class BatchNorm1D(_BatchNorm):
     ndim = 1
 
 
+# -- running a chain of layers, and layers that hold layers ------------------------------------
+
+MAX_DEPTH = 32  # containers inside containers, at most (model files are checked against it)
+
+
+def forward_chain(layers, x):
+    """x through ``layers`` in order. Two layers can run as one: a convolution and the ReLU
+    after it, where the backend has the contract's "conv2d_relu" kernels (the ReLU applied as
+    the convolution stores its outputs, its mask where the backward lays out dy: the same
+    numbers, one pass over the activations fewer each way). In inference, a ReLU followed by
+    max pooling runs after it instead, on a quarter of the values (for 2x2 pooling): max and
+    ReLU commute exactly, NaN included (both keep it), and nothing is kept for a backward."""
+    fuse = _contract.has(kernels(), "conv2d_relu")
+    i = 0
+    while i < len(layers):
+        layer, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
+        if fuse and type(layer) is Conv2D and type(after) is ReLU:
+            x = after.fused(layer.forward(x, relu=True))
+            i += 2
+        elif (type(layer) is ReLU and not layer.training
+                and type(after) is MaxPool2D and not after.training):
+            x = layer.forward(after.forward(x))
+            i += 2
+        else:
+            x = layer.forward(x)
+            i += 1
+    return x
+
+
+def backward_chain(layers, dy, need_dx=True):
+    """dy back through ``layers``: every layer's grads; the first layer's input gradient only
+    if ``need_dx`` (the network's first layer skips it: nobody needs it)."""
+    for i in range(len(layers) - 1, -1, -1):
+        dy = layers[i].backward(dy, need_dx=need_dx or i > 0)
+    return dy
+
+
+def build_layer(spec, depth=0):
+    """A layer from ``{"type": name, "config": {...}}`` (what ``layer_spec`` gives), or the
+    layer itself; ValueError/TypeError name what is wrong."""
+    if isinstance(spec, Layer):
+        return spec
+    layer_type, config = _spec_parts(spec, depth)
+    return layer_type(**config)
+
+
+def layer_spec(layer):
+    """``{"type": ..., "config": ...}``: what a model file records of a layer (nested for
+    containers), and what ``build_layer`` builds again."""
+    return {"type": type(layer).__name__, "config": layer.config()}
+
+
+def _spec_parts(spec, depth):
+    if depth > MAX_DEPTH:
+        raise ValueError(f"layers are nested more than {MAX_DEPTH} deep")
+    if not isinstance(spec, dict):
+        raise TypeError(f"a layer must be a fastcnn Layer or a spec dict, got "
+                        f"{type(spec).__name__}")
+    name = spec.get("type")
+    layer_type = LAYER_TYPES.get(name) if isinstance(name, str) else None
+    if layer_type is None:
+        raise ValueError(f"unknown layer type {str(name)[:40]!r}; register your own with "
+                         f"fastcnn.layers.register")
+    config = spec.get("config", {})
+    if not isinstance(config, dict):
+        raise TypeError(f"{name}'s config must be an object, got {type(config).__name__}")
+    if issubclass(layer_type, Container):
+        config = {**config, "_depth": depth + 1}
+    return layer_type, config
+
+
+def specs_of(spec, depth=0):
+    """{key: (shape, dtype)} of the parameters and buffers a layer spec would have (keys
+    dotted inside containers), computed without building anything."""
+    layer_type, config = _spec_parts(spec, depth)
+    return {**layer_type.param_specs(**config), **layer_type.buffer_specs(**config)}
+
+
+class Container(Layer):
+    """A layer that holds layers. Its ``params``, ``grads`` and ``buffers`` are its children's,
+    keyed ``<child>.<key>`` (the same arrays: an optimizer updates them in place), and its mode
+    is theirs, so everything that walks a network's layers walks the tree."""
+
+    def __init__(self):  # noqa: D107 - no params of its own: the properties below
+        self._training = True
+
+    def children(self):
+        raise NotImplementedError
+
+    def _gather(self, what):
+        return {f"{name}.{key}": a for name, child in self.children()
+                for key, a in getattr(child, what).items()}
+
+    @property
+    def params(self):
+        return self._gather("params")
+
+    @property
+    def grads(self):
+        return self._gather("grads")
+
+    @property
+    def buffers(self):
+        return self._gather("buffers")
+
+    @property
+    def training(self):
+        return self._training
+
+    @training.setter
+    def training(self, mode):
+        self._training = bool(mode)
+        for _, child in self.children():
+            child.training = bool(mode)
+
+    @staticmethod
+    def _child_specs(prefix, spec, depth, which):
+        layer_type, config = _spec_parts(spec, depth)
+        found = getattr(layer_type, which)(**config)
+        return {f"{prefix}.{key}": value for key, value in found.items()}
+
+
+def _built(layers, what, depth):
+    if isinstance(layers, Layer) or not isinstance(layers, (list, tuple)):
+        raise TypeError(f"{what} must be a list of layers, got {type(layers).__name__}")
+    built = []
+    for i, item in enumerate(layers):
+        if isinstance(item, dict):
+            item = build_layer(item, depth)
+        if not isinstance(item, Layer):
+            raise TypeError(f"{what}[{i}] must be a fastcnn layer, got {type(item).__name__}")
+        built.append(item)
+    return built
+
+
+class Sequential(Container):
+    """Layers run one after another, as one layer: ``Sequential([Conv2D(...), BatchNorm2D(...),
+    ReLU()])``. Children are named by position ("0", "1", ...)."""
+
+    def __init__(self, layers, _depth=0):
+        super().__init__()
+        self.layers = _built(layers, "Sequential's layers", _depth)
+        if not self.layers:
+            raise ValueError("Sequential needs at least one layer")
+
+    def children(self):
+        return [(str(i), layer) for i, layer in enumerate(self.layers)]
+
+    @classmethod
+    def _specs(cls, which, layers, _depth=0):
+        if not isinstance(layers, (list, tuple)) or not layers:
+            raise ValueError("Sequential's layers must be a non-empty list")
+        out = {}
+        for i, spec in enumerate(layers):
+            out.update(cls._child_specs(str(i), spec, _depth, which))
+        return out
+
+    @classmethod
+    def param_specs(cls, layers, _depth=0):
+        return cls._specs("param_specs", layers, _depth)
+
+    @classmethod
+    def buffer_specs(cls, layers, _depth=0):
+        return cls._specs("buffer_specs", layers, _depth)
+
+    def output_shape(self, shape):
+        for i, layer in enumerate(self.layers):
+            try:
+                shape = layer.output_shape(shape)
+            except ValueError as e:
+                raise ValueError(f"in Sequential, layer {i} ({type(layer).__name__}): {e}") \
+                    from None
+        return tuple(shape)
+
+    def min_batch_size(self, shape):
+        most = 1
+        for layer in self.layers:
+            most = max(most, layer.min_batch_size(shape))
+            shape = layer.output_shape(shape)
+        return most
+
+    def flops(self, shape):
+        total = 0
+        for layer in self.layers:
+            total += layer.flops(shape)
+            shape = layer.output_shape(shape)
+        return total
+
+    def forward(self, x):
+        return forward_chain(self.layers, x)
+
+    def backward(self, dy, need_dx=True):
+        return backward_chain(self.layers, dy, need_dx)
+
+    def config(self):
+        return {"layers": [layer_spec(layer) for layer in self.layers]}
+
+    def __repr__(self):
+        return f"Sequential({len(self.layers)} layers)"
+
+
+class Residual(Container):
+    """y = block(x) + shortcut(x): a skip connection. ``shortcut`` None is the identity (the
+    block must keep the shape); else a layer such as ``Sequential([Conv2D(c, f, 1, stride=2,
+    padding=0), BatchNorm2D(f)])`` that gives the block's output shape. Backward, dy goes to
+    both branches and their input gradients add up."""
+
+    def __init__(self, block, shortcut=None, _depth=0):
+        super().__init__()
+        self.block = _built([block], "Residual's block", _depth)[0]
+        self.shortcut = None if shortcut is None else _built([shortcut], "Residual's shortcut",
+                                                             _depth)[0]
+
+    def children(self):
+        kids = [("block", self.block)]
+        return kids if self.shortcut is None else [*kids, ("shortcut", self.shortcut)]
+
+    @classmethod
+    def _specs(cls, which, block, shortcut=None, _depth=0):
+        out = cls._child_specs("block", block, _depth, which)
+        if shortcut is not None:
+            out.update(cls._child_specs("shortcut", shortcut, _depth, which))
+        return out
+
+    @classmethod
+    def param_specs(cls, block, shortcut=None, _depth=0):
+        return cls._specs("param_specs", block, shortcut, _depth)
+
+    @classmethod
+    def buffer_specs(cls, block, shortcut=None, _depth=0):
+        return cls._specs("buffer_specs", block, shortcut, _depth)
+
+    def output_shape(self, shape):
+        try:
+            out = self.block.output_shape(shape)
+        except ValueError as e:
+            raise ValueError(f"in Residual's block: {e}") from None
+        if self.shortcut is None:
+            if tuple(out) != tuple(shape):
+                raise ValueError(f"Residual's block turns {tuple(shape)} into {tuple(out)}; an "
+                                 f"identity shortcut needs the same shape (give a shortcut, "
+                                 f"e.g. a strided 1x1 Conv2D)")
+            return tuple(out)
+        try:
+            side = self.shortcut.output_shape(shape)
+        except ValueError as e:
+            raise ValueError(f"in Residual's shortcut: {e}") from None
+        if tuple(side) != tuple(out):
+            raise ValueError(f"Residual's block gives {tuple(out)} but its shortcut gives "
+                             f"{tuple(side)}: they must match to be added")
+        return tuple(out)
+
+    def min_batch_size(self, shape):
+        side = 1 if self.shortcut is None else self.shortcut.min_batch_size(shape)
+        return max(self.block.min_batch_size(shape), side)
+
+    def flops(self, shape):
+        out = self.output_shape(shape)
+        side = 0 if self.shortcut is None else self.shortcut.flops(shape)
+        return self.block.flops(shape) + side + int(np.prod(out))  # the add
+
+    def forward(self, x):
+        y = self.block.forward(x)
+        return kernels().add(y, x if self.shortcut is None else self.shortcut.forward(x))
+
+    def backward(self, dy, need_dx=True):
+        dx = self.block.backward(dy, need_dx)
+        side = dy if self.shortcut is None else self.shortcut.backward(dy, need_dx)
+        return kernels().add(dx, side) if need_dx else None
+
+    def config(self):
+        return {"block": layer_spec(self.block),
+                "shortcut": None if self.shortcut is None else layer_spec(self.shortcut)}
+
+    def __repr__(self):
+        return "Residual(identity)" if self.shortcut is None else "Residual(projection)"
+
+
+def register(layer_type):
+    """Make a custom ``Layer`` subclass known by its class name, so that models holding it
+    save and load (``ConvNet.load`` builds layers by the name a file records). Use as a
+    decorator. Its ``config()`` must return its constructor's keyword arguments (JSON), and
+    ``param_specs``/``buffer_specs`` the arrays that config gives."""
+    if not (isinstance(layer_type, type) and issubclass(layer_type, Layer)):
+        raise TypeError(f"register takes a Layer subclass, got {layer_type!r}")
+    name = layer_type.__name__
+    known = LAYER_TYPES.get(name)
+    if known is not None and known is not layer_type:
+        raise ValueError(f"a layer type named {name!r} is already registered ({known!r})")
+    LAYER_TYPES[name] = layer_type
+    return layer_type
+
+
 class SoftmaxCrossEntropy:
     """Softmax followed by cross-entropy, averaged over the batch."""
 
@@ -461,4 +770,5 @@ class SoftmaxCrossEntropy:
 
 
 LAYER_TYPES = {cls.__name__: cls for cls in (Conv2D, ReLU, MaxPool2D, AvgPool2D, GlobalAvgPool2D,
-                                              Flatten, Dense, Dropout, BatchNorm2D, BatchNorm1D)}
+                                              Flatten, Dense, Dropout, BatchNorm2D, BatchNorm1D,
+                                              Sequential, Residual)}

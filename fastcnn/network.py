@@ -14,9 +14,8 @@ import contextlib
 import numpy as np
 
 from . import serialize
-from .backend import kernels
 from .kernels import _contract
-from .layers import Conv2D, Layer, MaxPool2D, ReLU, SoftmaxCrossEntropy
+from .layers import Layer, Sequential, SoftmaxCrossEntropy, backward_chain, forward_chain
 from .training import fit_network, pixel_note
 
 
@@ -92,10 +91,27 @@ class ConvNet:
                 return p.dtype
         return np.dtype(np.float32)
 
+    def walk(self):
+        """Every layer, containers and what they hold, depth first, as ``(path, layer)``: path
+        "3" for the fourth layer, "3.block.0" for the first layer of its block."""
+        def visit(path, layer):
+            yield path, layer
+            for name, child in layer.children():
+                yield from visit(f"{path}.{name}", child)
+        for i, layer in enumerate(self.layers):
+            yield from visit(str(i), layer)
+
+    def layer_at(self, path):
+        """The layer at a path of ``walk``; KeyError if there is none."""
+        found = dict(self.walk()).get(path)
+        if found is None:
+            raise KeyError(f"no layer at {path!r}")
+        return found
+
     def parameters(self):
-        """Every trainable parameter as ``(name, param, grad)``, name ``"layer<i>.<key>"``: the
-        one walk that optimizers, parameter counts and model files use (grad is None before
-        the first backward pass)."""
+        """Every trainable parameter as ``(name, param, grad)``, name ``"layer<i>.<key>"`` (keys
+        dotted inside containers: ``"layer3.block.0.weight"``): the one walk that optimizers,
+        parameter counts and model files use (grad is None before the first backward pass)."""
         for i, layer in enumerate(self.layers):
             for key, p in layer.params.items():
                 yield f"layer{i}.{key}", p, layer.grads.get(key)
@@ -139,17 +155,50 @@ class ConvNet:
                 layer.training = mode
 
     def summary(self):
-        """A table of layers, their output shapes and parameter counts, as a string."""
-        shapes = self.output_shapes() if self.input_shape is not None else [None] * len(self.layers)
-        rows = [("layer", "output shape", "params")]
-        for layer, shape in zip(self.layers, shapes, strict=True):
-            out = "?" if shape is None else "(N, " + ", ".join(map(str, shape)) + ")"
-            rows.append((repr(layer), out, f"{sum(p.size for p in layer.params.values()):,}"))
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows]
+        """A table of layers (containers and what they hold, indented), their per-image output
+        shapes, parameter counts and FLOPs per image (2 per multiply-add), as a string."""
+        rows = [("layer", "output shape", "params", "FLOPs/image")]
+
+        def add(layer, shape, indent):
+            out = None
+            if shape is not None:
+                out = layer.output_shape(shape)
+            flops = "?" if shape is None else f"{layer.flops(shape):,}"
+            params = sum(p.size for p in layer.params.values())
+            rows.append(("  " * indent + repr(layer),
+                         "?" if out is None else "(N, " + ", ".join(map(str, out)) + ")",
+                         f"{params:,}", flops))
+            if isinstance(layer, Sequential):
+                inner = shape
+                for child in layer.layers:
+                    add(child, inner, indent + 1)
+                    inner = None if inner is None else child.output_shape(inner)
+            else:
+                for _, child in layer.children():
+                    add(child, shape, indent + 1)
+            return out
+
+        shape = self.input_shape
+        for layer in self.layers:
+            shape = add(layer, shape, 0)
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}  {d:>{widths[3]}}"
+                 for a, b, c, d in rows]
         lines.insert(1, "-" * len(lines[0]))
-        lines.append(f"total parameters: {self.num_params():,}")
+        total = "?" if self.input_shape is None else f"{self.flops():,}"
+        lines.append(f"total parameters: {self.num_params():,}; FLOPs per image: {total}")
         return "\n".join(lines)
+
+    def flops(self):
+        """FLOPs (2 per multiply-add) of one image's forward pass: the convolutions, dense
+        layers and residual adds."""
+        shape, total = self.input_shape, 0
+        if shape is None:
+            raise ValueError("the network has no input_shape yet: pass input_shape= or run a batch")
+        for layer in self.layers:
+            total += layer.flops(shape)
+            shape = layer.output_shape(shape)
+        return total
 
     # -- forward and backward -----------------------------------------------------------------
 
@@ -166,36 +215,13 @@ class ConvNet:
                              f"{self.input_shape}")
 
     def forward(self, x):
-        """Logits (N, K) for a batch already in the network's dtype.
-
-        Two layers can run as one: a convolution and the ReLU after it, where the backend has
-        the contract's "conv2d_relu" kernels (the ReLU applied as the convolution stores its
-        outputs, and its mask where the backward lays out dy: the same numbers, one pass over
-        the activations fewer each way). In inference, a ReLU followed by max pooling runs
-        after it instead, on a quarter of the values (for 2x2 pooling): max and ReLU commute
-        exactly, NaN included (both keep it), and nothing is kept for a backward pass."""
-        layers = self.layers
-        fuse = _contract.has(kernels(), "conv2d_relu")
-        i = 0
-        while i < len(layers):
-            layer, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
-            if fuse and isinstance(layer, Conv2D) and isinstance(after, ReLU):
-                x = after.fused(layer.forward(x, relu=True))
-                i += 2
-            elif (isinstance(layer, ReLU) and not layer.training
-                    and isinstance(after, MaxPool2D) and not after.training):
-                x = layer.forward(after.forward(x))
-                i += 2
-            else:
-                x = layer.forward(x)
-                i += 1
-        return x
+        """Logits (N, K) for a batch already in the network's dtype (``layers.forward_chain``:
+        a Conv2D and the ReLU after it run as one where the backend has the kernels)."""
+        return forward_chain(self.layers, x)
 
     def backward(self, dlogits):
         """Fill every layer's grads; the first layer skips its input gradient (nobody needs it)."""
-        dy = dlogits
-        for i in range(len(self.layers) - 1, -1, -1):
-            dy = self.layers[i].backward(dy, need_dx=i > 0)
+        backward_chain(self.layers, dlogits, need_dx=False)
 
     def train_step(self, xb, yb, optimizer):
         """One step on a prepared batch; returns (mean loss, logits)."""

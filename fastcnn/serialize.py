@@ -30,8 +30,10 @@ from . import atomic
 from .layers import LAYER_TYPES
 
 FORMAT = "fastcnn-model"
-VERSION = 2  # 2 added buffers (BatchNorm's running statistics); version-1 files still load
-READABLE_VERSIONS = (1, 2)
+# 2 added buffers (BatchNorm's running statistics), 3 containers (Sequential, Residual: nested
+# configs, array keys dotted inside them); files of every earlier version still load
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MAX_ARCHITECTURE_BYTES = 1 << 20
 MAX_INPUT_VALUES = 1 << 28  # values in one input image (C * H * W): 1 GB of float32
 # Deflate cannot expand more than about 1032:1; a member claiming more is not a real one.
@@ -283,7 +285,9 @@ def _plan(cls, arch):
         layer_type = LAYER_TYPES.get(spec.get("type")) if isinstance(spec.get("type"),
                                                                       str) else None
         if layer_type is None:
-            raise Invalid(f"layer {i} has unknown type {str(spec.get('type'))[:40]!r}")
+            raise Invalid(f"layer {i} has unknown type {str(spec.get('type'))[:40]!r} (a layer "
+                          f"of your own: decorate its class with fastcnn.layers.register, "
+                          f"then load)")
         config = spec.get("config", {})
         if not isinstance(config, dict):
             raise Invalid(f"layer {i} ({spec['type']}) has a config that is not an object")

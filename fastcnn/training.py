@@ -400,7 +400,7 @@ class Trainer:
     def save(self, path):
         net = self.net
         record, opt_arrays = self.optimizer.state_dict()
-        layer_rngs = {str(i): layer.rng.bit_generator.state for i, layer in enumerate(net.layers)
+        layer_rngs = {path: layer.rng.bit_generator.state for path, layer in net.walk()
                       if getattr(layer, "rng", None) is not None}
         state = {
             "epoch": self.epoch, "batch": self.batch, "steps": self.steps,
@@ -449,8 +449,8 @@ class Trainer:
                                         if k.startswith("optimizer.")})
         self.epoch, self.batch, self.steps = state["epoch"], state["batch"], state["steps"]
         self.rng.bit_generator.state = state["rng"]
-        for i, rng_state in state["layer_rngs"].items():
-            self.net.layers[int(i)].rng.bit_generator.state = rng_state
+        for path, rng_state in state["layer_rngs"].items():
+            self.net.layer_at(path).rng.bit_generator.state = rng_state
         self.history = {k: list(state["history"][k]) for k in HISTORY_KEYS}
         self.partial = dict(state["partial"])
         self.watch.restore(state["watch"])
@@ -580,7 +580,7 @@ def fit_network(net, x, y, epochs, batch_size, lr, validation_data, shuffle, see
                                        validation_data, shuffle, seed, early_stopping, state))
     seed = dp.shared_seed(seed)  # the same shuffled order on every rank
     if state is None and dp.size > 1:
-        for i, layer in enumerate(net.layers):  # masks differ between the ranks' shards
+        for i, (_, layer) in enumerate(net.walk()):  # masks differ between the ranks' shards
             if isinstance(layer, Dropout):
                 layer.rng = np.random.default_rng([seed, dp.rank, i])
     dp.broadcast_parameters(net)

@@ -143,7 +143,7 @@ def test_model_files_keep_buffers_and_version_1_files_still_load(tmp_path, rng):
     np.testing.assert_array_equal(net.predict_proba(x), loaded.predict_proba(x))
     with zipfile.ZipFile(tmp_path / "bn.npz") as z:
         arch = json.loads(np.load(z.open("architecture.npy")).tobytes())
-    assert arch["version"] == serialize.VERSION == 2
+    assert arch["version"] == serialize.VERSION == 3
     # a file written by the previous release (version 1, no buffers) loads unchanged
     old = simple_cnn(seed=3)
     arrays = {f"layer{i}.{k}": p for i, layer in enumerate(old.layers)
