@@ -20,8 +20,8 @@ from . import __version__
 BACKENDS = ("naive", "numpy", "numba")
 DATASETS = ("mnist-sample", "mnist", "fashion-mnist")
 PICTURE_STYLES = ("digit", "fashion", "none")
-MODELS = ("simple", "complex", "modern")
-RECIPE_NAMES = ("seed", "modern")
+MODELS = ("simple", "complex", "modern", "resnet")
+RECIPE_NAMES = ("seed", "modern", "resnet")
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
 SCHEDULE_NAMES = ("constant", "step", "cosine")  # warm-up is a flag of its own: --warmup
 DEBUG_VAR = "FASTCNN_DEBUG"
@@ -263,7 +263,9 @@ def cmd_train(args):
         done = f" | resuming after epoch {state['epoch']}" + (
             f", batch {state['batch']}" if state["batch"] else "")
     else:
-        net = models.build(args.model, dtype=args.dtype, seed=args.seed)
+        classes = max(int(y_train.max()) + 1, len(datasets.class_names(args.dataset) or ()))
+        net = models.build(args.model, dtype=args.dtype, seed=args.seed,
+                           input_shape=x_train.shape[1:], classes=classes)
         opt, schedule = _optimizer_and_schedule(args, -(-len(x_train) // args.batch_size))
         done = ""
     # saved with the model (and its checkpoints): what its outputs mean

@@ -203,16 +203,37 @@ class ConvNet:
     # -- forward and backward -----------------------------------------------------------------
 
     def _check_input(self, x):
+        if isinstance(x, (list, tuple)):
+            raise TypeError(f"x must be a numpy array, got a {type(x).__name__}: convert it "
+                            f"with np.asarray(x)")
         if not isinstance(x, np.ndarray):
             raise TypeError(f"x must be a numpy array, got {type(x).__name__}")
         if x.ndim != 4:
-            raise ValueError(f"x must be a batch of images shaped (N, C, H, W), got {x.shape}")
+            raise ValueError(f"x must be a batch of images shaped (N, C, H, W), got {x.shape}"
+                             f"{self._layout_hint(x.shape)}")
         if self.input_shape is None:
             self.input_shape = tuple(x.shape[1:])
             self.output_shapes()
         elif x.shape[1:] != self.input_shape:
             raise ValueError(f"x has images of shape {x.shape[1:]}, the network expects "
-                             f"{self.input_shape}")
+                             f"{self.input_shape}{self._layout_hint(x.shape)}")
+
+    def _layout_hint(self, shape):
+        """How to turn an array of ``shape`` into (N, C, H, W) images this network takes, where
+        that is clear: '' where it is not."""
+        want = self.input_shape
+        if len(shape) == 3 and want is not None and tuple(shape) == tuple(want):
+            return ": that is one image; add the batch axis with x[None]"
+        if len(shape) == 3 and (want is None or want[0] == 1):
+            return ": grey images without a channel axis? add it with x[:, None]"
+        if len(shape) == 4 and want is not None and tuple(shape[1:]) == (want[1], want[2],
+                                                                          want[0]):
+            return (": channels last (N, H, W, C)? transpose with "
+                    "x.transpose(0, 3, 1, 2)")
+        if len(shape) == 4 and want is None and shape[3] in (1, 3, 4) and shape[1] > 4:
+            return (": channels last (N, H, W, C)? transpose with "
+                    "x.transpose(0, 3, 1, 2)")
+        return ""
 
     def forward(self, x):
         """Logits (N, K) for a batch already in the network's dtype (``layers.forward_chain``:
@@ -272,7 +293,15 @@ class ConvNet:
         if not isinstance(y, np.ndarray) or y.ndim != 1 or y.dtype.kind not in "iu":
             got = (f"{y.dtype} {y.shape}" if isinstance(y, np.ndarray)
                    else type(y).__name__)
-            raise TypeError(f"labels must be a 1-D integer numpy array ({what}), got {got}")
+            hint = ""
+            if isinstance(y, (list, tuple)):
+                hint = ": convert them with np.asarray(y)"
+            elif isinstance(y, np.ndarray) and y.ndim == 2 and len(y) == len(x):
+                hint = ": one-hot rows? take y.argmax(1)"
+            elif isinstance(y, np.ndarray) and y.ndim == 1 and y.dtype.kind in "fb":
+                hint = ": whole-number labels stored as another type? y.astype(int)"
+            raise TypeError(f"labels must be a 1-D integer numpy array ({what}), got {got}"
+                            f"{hint}")
         if len(x) != len(y):
             raise ValueError(f"{len(x)} images but {len(y)} labels ({what})")
         if len(x) == 0:

@@ -464,8 +464,17 @@ def _forward(x, w, b, stride, ph, pw, shape, tile=None, keep=False, xf=None, rel
     """y; with keep, (y, the flat layout of x) for 3x3 stride-1 kernels (else (y, None)). xf:
     x already laid out so (conv2d_backward's dy, for the input gradient). relu: y is the ReLU
     of the convolution, applied as each output is stored."""
-    y = np.empty(shape, x.dtype)
     w = np.ascontiguousarray(w)
+    if stride > 1 and w.shape[2:] == (3, 3):  # on the fast stride-1 kernel, then every s-th
+        n, f = shape[:2]
+        y1, xf = _forward(x, w, b, 1, ph, pw, (n, f, x.shape[2] + 2 * ph - 2,
+                                                x.shape[3] + 2 * pw - 2), tile, True, xf, relu)
+        y = np.ascontiguousarray(_every(y1, stride, shape))
+        return (y, xf) if keep else y
+    if w.shape[2:] == (1, 1) and ph == pw == 0:  # a matrix product, on every s-th input
+        y = _conv1x1_forward(x[:, :, ::stride, ::stride], w, b, relu)
+        return (y, None) if keep else y
+    y = np.empty(shape, x.dtype)
     serial = _serially(2 * y.size * w[0].size)
     if stride == 1 and w.shape[2:] == (3, 3):
         hp, wp = x.shape[2] + 2 * ph, x.shape[3] + 2 * pw
@@ -529,6 +538,11 @@ def _backward(x, dy, w, stride, pad, need_dx, saved, relu_output):
     (kh, kw), stride, pad = c.check_conv_grad_weight(x, dy, kernel_size, stride, pad)
     if need_dx:
         c.check_conv_grad_input(dy, w, x.shape, stride, pad)
+    if stride > 1 and (kh, kw) == (3, 3):  # the stride-1 backward of dy spread out
+        if relu_output is not None:
+            dy = relu_backward(dy, relu_output)
+        return _backward(x, _spread_out(dy, stride, x.shape[2:], pad), w, 1, pad, need_dx,
+                         saved, None)
     if not (stride == 1 and (kh, kw) == (3, 3) and pad == 1):
         if relu_output is not None:
             dy = relu_backward(dy, relu_output)
@@ -736,8 +750,12 @@ def conv2d_grad_weight(x, dy, kernel_size, stride, pad):
     db[f] = sum_{n,i,j} dy[n, f, i, j]. Returns (dw (F, C, KH, KW), db (F,))."""
     (kh, kw), stride, pad = c.check_conv_grad_weight(x, dy, kernel_size, stride, pad)
     f = dy.shape[1]
-    if stride == 1 and (kh, kw) == (3, 3):
+    if (kh, kw) == (3, 3):
+        if stride > 1:
+            dy = _spread_out(dy, stride, x.shape[2:], pad)
         return _grad_weight_3x3(x, dy, pad)
+    if (kh, kw) == (1, 1) and pad == 0:
+        return _conv1x1_grad_weight(_columns(x[:, :, ::stride, ::stride]), dy)
     dw = np.zeros((f, x.shape[1], kh, kw), x.dtype)
     db = np.zeros(f, x.dtype)
     _conv_grad_weight(_padded(x, pad, pad), np.ascontiguousarray(dy), stride, dw, db)
@@ -767,6 +785,12 @@ def conv2d_grad_input(dy, w, input_shape, stride, pad):
     added at xpad[n, c, i*stride + p, j*stride + q], padding then cropped. dx has input_shape."""
     (n, ch, h, wd), stride, pad = c.check_conv_grad_input(dy, w, input_shape, stride, pad)
     f, _, kh, kw = w.shape
+    if stride > 1 and (kh, kw) == (3, 3) and pad < 3:
+        return conv2d_grad_input(_spread_out(dy, stride, (h, wd), pad), w, input_shape, 1, pad)
+    if (kh, kw) == (1, 1) and pad == 0:
+        dx = np.zeros(input_shape, dy.dtype)
+        dx[:, :, ::stride, ::stride] = _conv1x1_grad_input(dy, w)
+        return dx
     if stride == 1 and pad < min(kh, kw):
         # With stride 1 the input gradient is itself a convolution: of dy padded by K-1-pad with
         # the kernels flipped and their in/out channels swapped. It runs on the fast kernel.
@@ -778,6 +802,72 @@ def conv2d_grad_input(dy, w, input_shape, stride, pad):
     if pad == 0:
         return dxp
     return np.ascontiguousarray(dxp[:, :, pad : pad + h, pad : pad + wd])
+
+
+# -- strided and 1x1 convolutions, on the fast kernels -------------------------------------------
+# NOTE: a stride-s 3x3 convolution is every s-th output of the stride-1 one; its gradients are
+# the stride-1 gradients of dy spread out with zeros between (s^2 times the work, on kernels ~20x
+# faster than the plain direct loops).
+# A 1x1 convolution is a matrix product: w (F, C) times x laid out (C, N*H*W), on the register-
+# tiled matmul of the dense layers; with stride s, on every s-th input.
+
+
+def _every(y1, stride, shape):
+    """y1 (the stride-1 output) at every stride-th row and column: shape (N, F, OH, OW)."""
+    oh, ow = shape[2], shape[3]
+    return y1[:, :, : (oh - 1) * stride + 1 : stride, : (ow - 1) * stride + 1 : stride]
+
+
+def _spread_out(dy, stride, plane, pad):
+    """dy of a stride-s 3x3 convolution as the stride-1 convolution's: each value at (i*s, j*s)
+    of the stride-1 output, zeros between."""
+    h1, w1 = plane[0] + 2 * pad - 2, plane[1] + 2 * pad - 2
+    up = np.zeros((dy.shape[0], dy.shape[1], h1, w1), dy.dtype)
+    _every(up, stride, dy.shape)[...] = dy
+    return up
+
+
+def _columns(x):
+    """x (N, C, H, W) as the matrix (C, N*H*W), C-contiguous."""
+    n, ch, h, w = x.shape
+    return np.ascontiguousarray(np.transpose(x, (1, 0, 2, 3))).reshape(ch, n * h * w)
+
+
+def _matmul_into(a, bm, out):
+    _run(_matmul, _serially(2 * out.size * a.shape[1]), np.ascontiguousarray(a),
+         np.ascontiguousarray(bm), out)
+    return out
+
+
+def _conv1x1_forward(x, w, b, relu):
+    n, ch, h, wd = x.shape
+    f = w.shape[0]
+    cols = _matmul_into(w.reshape(f, ch), _columns(x), np.empty((f, n * h * wd), x.dtype))
+    y = np.ascontiguousarray(cols.reshape(f, n, h, wd).transpose(1, 0, 2, 3))
+    y += b[:, None, None]
+    if relu:
+        flat = y.reshape(-1)
+        (_relu_forward if y.size >= _PARALLEL_MIN else _relu_forward_serial)(flat, flat)
+    return y
+
+
+def _conv1x1_grad_weight(xcols, dy):
+    """(dw (F, C, 1, 1), db) from x laid out (C, N*H*W) and dy (N, F, H, W)."""
+    f, ch = dy.shape[1], xcols.shape[0]
+    dcols = _columns(dy)
+    dw = _matmul_into(dcols, np.ascontiguousarray(xcols.T), np.empty((f, ch), dy.dtype))
+    db = np.zeros(f, dy.dtype)
+    _row_sums(dcols, db, 0, dcols.shape[1])
+    return dw.reshape(f, ch, 1, 1), db
+
+
+def _conv1x1_grad_input(dy, w):
+    """dx (N, C, H, W) at dy's positions: w^T (C, F) times dy laid out (F, N*H*W)."""
+    n, f, h, wd = dy.shape
+    ch = w.shape[1]
+    cols = _matmul_into(np.ascontiguousarray(w.reshape(f, ch).T), _columns(dy),
+                        np.empty((ch, n * h * wd), dy.dtype))
+    return cols.reshape(ch, n, h, wd).transpose(1, 0, 2, 3)
 
 
 # -- max pooling ------------------------------------------------------------------------------

@@ -143,6 +143,21 @@ def test_3x3_tile_edges_agree_with_naive(fast, rng, case, dtype):
     test_conv_agrees_with_naive(fast, rng, (n, c, h, w, f, 3, 3, 1, pad), dtype)
 
 
+# Shapes the numba backend runs on its plain direct kernels (neither 3x3 nor 1x1 without
+# padding), and strided 3x3 and 1x1 ones (on the stride-1 and matmul kernels): every path, in
+# the run without the JIT too, whose random grid is smaller.
+OTHER_PATH_CONVS = [(2, 3, 7, 6, 4, 2, 2, 2, 0), (1, 2, 9, 8, 3, 5, 5, 2, 1),
+                    (2, 2, 6, 6, 3, 1, 1, 1, 1), (2, 3, 9, 8, 5, 3, 3, 2, 1),
+                    (1, 2, 8, 7, 3, 3, 3, 3, 0), (2, 4, 7, 8, 6, 1, 1, 2, 0),
+                    (3, 2, 5, 5, 4, 1, 1, 1, 0)]
+
+
+@pytest.mark.parametrize("case", OTHER_PATH_CONVS, ids=case_id)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_strided_1x1_and_other_kernels_agree_with_naive(fast, rng, case, dtype):
+    test_conv_agrees_with_naive(fast, rng, case, dtype)
+
+
 @pytest.mark.parametrize("n, inputs, outputs", [(5, 37, 6), (4, 32, 4), (1, 1, 1), (2, 16, 9),
                                                 (0, 5, 3)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -478,7 +493,7 @@ def poison(rng, a, count=2, values=(np.nan,)):
 
 
 NAN_CONVS = [(2, 3, 6, 7, 5, 3, 3, 1, 1), (2, 2, 7, 5, 3, 3, 3, 2, 1), (1, 2, 5, 18, 4, 3, 3, 1, 0),
-             (2, 1, 6, 6, 2, 2, 3, 1, 2)]
+             (2, 1, 6, 6, 2, 2, 3, 1, 2), (2, 3, 6, 7, 4, 1, 1, 1, 0)]
 
 
 @nan_ok

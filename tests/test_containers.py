@@ -306,3 +306,52 @@ def test_a_small_resnet_trains_like_pytorch(rng, optimizer):
                 # (~1e-17), which Adam's normalisation turns into steps of ~1e-11 either way
                 np.testing.assert_allclose(p, t.detach().numpy(), rtol=1e-10, atol=1e-9,
                                            err_msg=f"{name} after {optimizer}: {pname}")
+
+
+@pytest.mark.parametrize("name", ["simple", "complex", "modern", "resnet"])
+def test_every_built_in_model_takes_grey_or_colour_images_and_any_class_count(name, rng):
+    from fastcnn import models
+
+    for shape, classes in (((1, 28, 28), 10), ((3, 32, 32), 7)):
+        net = models.build(name, input_shape=shape, classes=classes)
+        assert net.input_shape == shape and net.output_shapes()[-1] == (classes,)
+        x = rng.random((4, *shape)).astype(np.float32)
+        before = [p.copy() for _, p, _ in net.parameters()]
+        net.fit(x, rng.integers(0, classes, 4), epochs=1, batch_size=2, verbose=False)
+        assert any(not np.array_equal(a, p) for a, (_, p, _) in zip(before, net.parameters(),
+                                                                    strict=True))
+        assert net.predict(x).shape == (4,)
+    with pytest.raises(ValueError, match="each side needs at least"):
+        models.build(name, input_shape=(1, 1, 1))
+
+
+def test_the_resnet_is_residual_and_its_summary_counts_its_flops():
+    from fastcnn import models
+
+    net = models.build("resnet")
+    assert sum(isinstance(layer, Residual) for layer in net.layers) == 6
+    assert sum(layer.shortcut is not None for layer in net.layers
+               if isinstance(layer, Residual)) == 2  # the two stride-2 blocks project
+    assert net.num_params() == 175_530
+    assert 40e6 < net.flops() < 41e6
+
+
+def test_errors_about_the_layout_of_images_and_labels_say_how_to_fix_them(rng):
+    from fastcnn import models
+
+    grey, colour = models.build("simple"), models.build("simple", input_shape=(3, 32, 32))
+    y = rng.integers(0, 10, 4)
+    cases = [
+        (colour, rng.random((4, 32, 32, 3)).astype(np.float32), y, r"x.transpose\(0, 3, 1, 2\)"),
+        (grey, rng.random((4, 28, 28)).astype(np.float32), y, r"x\[:, None\]"),
+        (colour, rng.random((3, 32, 32)).astype(np.float32), y, r"x\[None\]"),
+        (grey, rng.random((4, 1, 28, 28)).tolist(), y, r"np.asarray\(x\)"),
+        (grey, rng.random((4, 1, 28, 28)), y.astype(float), r"y.astype\(int\)"),
+        (grey, rng.random((4, 1, 28, 28)), np.eye(10)[y], r"y.argmax\(1\)"),
+        (grey, rng.random((4, 1, 28, 28)), list(y), r"np.asarray\(y\)"),
+    ]
+    for net, x, labels, match in cases:
+        with pytest.raises((TypeError, ValueError), match=match):
+            net.fit(x, labels, epochs=1, verbose=False)
+    with pytest.raises(ValueError, match=r"x.transpose\(0, 3, 1, 2\)"):
+        colour.predict(rng.random((2, 32, 32, 3)).astype(np.float32))
