@@ -26,6 +26,7 @@ import math
 import numpy as np
 
 from . import atomic, serialize
+from .augment import Augment
 from .history import EPOCH_COLUMNS
 from .optim import optimizer_from_record, schedule_from_config
 from .serialize import Invalid
@@ -37,8 +38,9 @@ _PER_EPOCH = ("loss", "accuracy", "seconds", "images_per_second", "threads")
 _VALIDATION = ("val_loss", "val_accuracy")
 _RECORD_KEYS = {"epoch", "batch", "steps", "epochs", "batch_size", "shuffle", "optimizer",
                 "schedule", "rng", "layer_rngs", "history", "partial", "watch", "patience",
-                "stopped_early", "best", "data", "run", "processes", "batches"}
-_OPTIONAL_KEYS = {"run", "processes", "batches"}  # absent from checkpoints of earlier versions
+                "stopped_early", "best", "data", "run", "processes", "batches", "augment"}
+# absent from checkpoints of earlier versions ("augment": also from runs without augmentation)
+_OPTIONAL_KEYS = {"run", "processes", "batches", "augment"}
 
 
 def write(path, net, state, optimizer_arrays, order=None, best=None):
@@ -163,6 +165,22 @@ def _check_record(state, net):
     _check_partial(state, steps_per_epoch)
     _check_watch(state, net)
     _check_early_stopping(state)
+    if "augment" in state:
+        _check_augment(state)
+
+
+def _check_augment(state):
+    record = _typed(state, "augment", dict)
+    if set(record) != {"spec", "key"}:
+        raise Invalid(f"augment must hold spec and key, got {sorted(record)}")
+    spec = _typed(record, "spec", str, "augment.")
+    try:
+        made = Augment.parse(spec)
+    except (TypeError, ValueError) as e:
+        raise Invalid(f"augment.spec: {e}") from None
+    if made is None:
+        raise Invalid(f"augment.spec {spec!r} augments nothing")
+    _int(record, "key", 0, 2**63 - 1, where="augment.")
 
 
 def _check_data(state, net):

@@ -91,8 +91,8 @@ def _parser():
                                     "backends.")
     parser.add_argument("--version", action="version", version=f"fastcnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train_parser, _add_evaluate_parser, _add_bench_parser, _add_plot_parser,
-                _add_predict_parser, _add_info_parser):
+    for add in (_add_train_parser, _add_evaluate_parser, _add_summary_parser, _add_bench_parser,
+                _add_plot_parser, _add_predict_parser, _add_info_parser):
         add(sub)
     return parser
 
@@ -213,6 +213,22 @@ def _add_training_args(train):
     c.add_argument("--early-stopping", type=_positive_int, metavar="PATIENCE",
                    help="stop when the validation loss has not improved for PATIENCE epochs, "
                         "keeping the best weights")
+    a = train.add_argument_group("augmentation")
+    a.add_argument("--augment", type=_augment_spec, metavar="SPEC",
+                   help="move and/or mirror every training image anew each batch: crop (up to "
+                        "4 pixels each way; crop=N for N), flip (left-right; not for digits), "
+                        "or crop,flip (default: none)")
+
+
+def _augment_spec(text):
+    import argparse
+
+    from .augment import Augment
+
+    try:
+        return str(Augment.parse(text))
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_train_parser(subparsers):
@@ -288,7 +304,8 @@ def cmd_train(args):
     record = net.fit(x_train, y_train, epochs=args.epochs, batch_size=args.batch_size,
                      optimizer=opt, schedule=schedule, validation_data=val, seed=args.seed,
                      verbose=True, checkpoint=args.checkpoint, resume=args.resume,
-                     early_stopping=args.early_stopping, run_info=run, distributed=dp)
+                     early_stopping=args.early_stopping, run_info=run, distributed=dp,
+                     augment=None if args.augment in (None, "none") else args.augment)
     trained = time.perf_counter() - start
     if dp.is_root:  # rank 0 alone tests, saves and reports
         _test_and_save(args, net, record, run, (x_test, y_test), trained, dp.size)
@@ -544,6 +561,26 @@ def cmd_evaluate(args):
     print(f"{args.path} on {args.dataset} test ({len(x_test)} images, backend "
           f"{backend.get_backend()}): accuracy {result['accuracy']:.2%}, "
           f"loss {result['loss']:.4f}")
+    return 0
+
+
+def _add_summary_parser(subparsers):
+    summary = subparsers.add_parser(
+        "summary", help="a saved model's layers, output shapes, parameters and FLOPs",
+        description="Print a saved model's layers (containers and what they hold, indented), "
+                    "each one's output shape, parameter count and FLOPs per image.")
+    summary.add_argument("path", help="model file written by 'fastcnn train --save' (or a "
+                                      "checkpoint)")
+    summary.set_defaults(func=cmd_summary)
+
+
+def cmd_summary(args):
+    from .network import ConvNet
+
+    net = ConvNet.load(args.path)
+    trained = f", trained on {net.dataset}" if net.dataset else ""
+    print(f"{args.path}: input {net.input_shape}, {net.num_classes()} classes{trained}")
+    print(net.summary())
     return 0
 
 

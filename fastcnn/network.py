@@ -322,7 +322,7 @@ class ConvNet:
 
     def fit(self, x, y, epochs=1, batch_size=10, lr=None, validation_data=None, shuffle=True,
             seed=None, verbose=None, optimizer=None, schedule=None, checkpoint=None,
-            resume=None, early_stopping=None, run_info=None, distributed=None):
+            resume=None, early_stopping=None, run_info=None, distributed=None, augment=None):
         """Train in training mode; returns the per-epoch history (lists keyed by metric).
 
         x: (N, C, H, W) uint8 (scaled by 1/255 per batch) or float images; y: (N,) int labels.
@@ -340,6 +340,10 @@ class ConvNet:
         total). early_stopping: a patience in epochs: stop when the validation loss has not
         improved for that many, and keep the best weights (needs validation_data). run_info:
         a JSON-able dict stored in the checkpoint as it is (the CLI keeps its settings there).
+        augment: "crop" (moves of up to 4 pixels each way, "crop=N" for N), "flip" (mirror
+        left-right), "crop,flip", or a ``fastcnn.augment.Augment``: drawn anew for every
+        batch, seeded by ``seed`` (the same run gives the same weights; a checkpoint keeps the
+        key, so resuming continues exactly).
         distributed: True (or a ``fastcnn.distributed.DataParallel``) when this is one of K
         processes under ``mpirun``: each takes its shard of every global batch of K x batch_size
         images and the gradients are averaged before every step (see fastcnn.distributed);
@@ -360,7 +364,7 @@ class ConvNet:
                            validation_data=validation_data, shuffle=shuffle, seed=seed,
                            verbose=verbose, optimizer=optimizer, schedule=schedule,
                            checkpoint=checkpoint, resume=resume, early_stopping=early_stopping,
-                           run_info=run_info, distributed=distributed)
+                           run_info=run_info, distributed=distributed, augment=augment)
 
     def predict_proba(self, x, batch_size=64):
         """Class probabilities (N, K) for images x: uint8 (scaled by 1/255) or finite floats."""

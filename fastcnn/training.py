@@ -18,6 +18,7 @@ import zlib
 import numpy as np
 
 from . import atomic, backend, checkpoint, threads
+from .augment import Augment
 from .checkpoint import HISTORY_KEYS
 from .distributed import SingleProcess, resolve
 from .kernels import _contract
@@ -205,7 +206,7 @@ class Trainer:
     """One ``fit`` call's state; everything a checkpoint must hold to resume exactly."""
 
     def __init__(self, net, x, y, epochs, batch_size, optimizer, schedule, validation_data,
-                 shuffle, seed, early_stopping, run_info=None, dp=None):
+                 shuffle, seed, early_stopping, run_info=None, dp=None, augment=None):
         self.net, self.x, self.y = net, x, y
         self.dp = SingleProcess() if dp is None else dp  # one loop for one process and many
         self.epochs, self.batch_size = epochs, batch_size
@@ -224,6 +225,11 @@ class Trainer:
         self.run_info = run_info  # the caller's own record (the CLI's settings)
         self.stopped_early = False
         self.starts, self.folded = _batch_starts(len(x), batch_size, self.dp, net)
+        # augmentation: each batch's draws come from (key, epoch, batch, rank), the key from
+        # the seed (random without one; a checkpoint keeps it)
+        self.augment = augment
+        self.augment_key = int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0]
+                               >> np.uint64(1))
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -239,6 +245,7 @@ class Trainer:
         self.compile_step = self.steps if numba and verbose else None  # this run's first
         largest = -(-int(np.diff(self.starts).max()) // dp.size)  # array_split's first shard
         buf = np.empty((largest,) + self.x.shape[1:], net.dtype)
+        self.augmented = np.empty_like(buf) if self.augment else None
         if self.folded and verbose:
             many = "s" if self.folded > 1 else ""
             print(f"note: the last {self.folded} image{many} of an epoch would make a batch too "
@@ -303,6 +310,9 @@ class Trainer:
         net, dp, p = self.net, self.dp, self.partial
         idx = dp.shard(every)
         xb = net.prepare_batch(self.x, idx, buf)
+        if self.augment:
+            rng = np.random.default_rng([self.augment_key, self.epoch, b, dp.rank])
+            xb = self.augment.apply(xb, rng, self.augmented)
         yb = self.y[idx]
         if self.schedule is not None:
             at = self.epoch if self.schedule.per == "epoch" else self.steps
@@ -417,6 +427,8 @@ class Trainer:
             "processes": self.dp.size,  # batches count K x batch_size images
             "batches": len(self.starts) - 1,  # a last batch too small is folded in
         }
+        if self.augment:
+            state["augment"] = {"spec": str(self.augment), "key": self.augment_key}
         # the order, once drawn, is saved: the generator has moved past it
         checkpoint.write(path, net, state, opt_arrays, self.order,
                          None if self.best is None else self.best["arrays"])
@@ -449,6 +461,8 @@ class Trainer:
                                         if k.startswith("optimizer.")})
         self.epoch, self.batch, self.steps = state["epoch"], state["batch"], state["steps"]
         self.rng.bit_generator.state = state["rng"]
+        if "augment" in state:
+            self.augment_key = state["augment"]["key"]
         for path, rng_state in state["layer_rngs"].items():
             self.net.layer_at(path).rng.bit_generator.state = rng_state
         self.history = {k: list(state["history"][k]) for k in HISTORY_KEYS}
@@ -543,9 +557,10 @@ def _run_definition(net, x, y, epochs, batch_size, optimizer, schedule, validati
 
 def fit_network(net, x, y, epochs, batch_size, lr, validation_data, shuffle, seed, verbose,
                 optimizer, schedule, checkpoint, resume, early_stopping, run_info=None,
-                distributed=None):
+                distributed=None, augment=None):
     """``ConvNet.fit`` (see its docstring)."""
     dp = resolve(distributed)
+    augment = Augment.parse(augment)
     epochs = _contract.check_int("epochs", epochs, 1)
     batch_size = _contract.check_int("batch_size", batch_size, 1)
     if early_stopping is not None:
@@ -569,15 +584,23 @@ def fit_network(net, x, y, epochs, batch_size, lr, validation_data, shuffle, see
             early_stopping = state["patience"]
         if run_info is None:
             run_info = state.get("run")
+        saved = Augment.parse(state.get("augment", {}).get("spec"))
+        if augment is not None and augment != saved:
+            raise ValueError(f"{resume} was written by a run with augment={str(saved)!r}; "
+                             f"resume it with the same (or leave augment out)")
+        augment = saved
     optimizer = _check_recipe(optimizer, lr, schedule)
     net.check_data(x, y)
+    if augment is not None:
+        augment.check(x.shape[1:])
     _check_validation_data(net, validation_data)
     net.check_parameters()
     if len(x) < dp.size:
         raise ValueError(f"{len(x)} training images for {dp.size} processes: each needs at "
                          "least one")
-    dp.check_agreement(_run_definition(net, x, y, epochs, batch_size, optimizer, schedule,
-                                       validation_data, shuffle, seed, early_stopping, state))
+    dp.check_agreement({**_run_definition(net, x, y, epochs, batch_size, optimizer, schedule,
+                                          validation_data, shuffle, seed, early_stopping,
+                                          state), "augment": str(augment)})
     seed = dp.shared_seed(seed)  # the same shuffled order on every rank
     if state is None and dp.size > 1:
         for i, (_, layer) in enumerate(net.walk()):  # masks differ between the ranks' shards
@@ -585,7 +608,7 @@ def fit_network(net, x, y, epochs, batch_size, lr, validation_data, shuffle, see
                 layer.rng = np.random.default_rng([seed, dp.rank, i])
     dp.broadcast_parameters(net)
     trainer = Trainer(net, x, y, epochs, batch_size, optimizer, schedule, validation_data,
-                      shuffle, seed, early_stopping, run_info, dp=dp)
+                      shuffle, seed, early_stopping, run_info, dp=dp, augment=augment)
     if state is not None:
         trainer.restore(resume, state, arrays)
     verbose = _interactive() if verbose is None else bool(verbose)

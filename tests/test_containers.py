@@ -355,3 +355,20 @@ def test_errors_about_the_layout_of_images_and_labels_say_how_to_fix_them(rng):
             net.fit(x, labels, epochs=1, verbose=False)
     with pytest.raises(ValueError, match=r"x.transpose\(0, 3, 1, 2\)"):
         colour.predict(rng.random((2, 32, 32, 3)).astype(np.float32))
+
+
+def test_fastcnn_summary_prints_a_saved_models_tree(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "r.npz"
+    tiny_resnet(dtype=np.float32).save(path)
+    run = subprocess.run([sys.executable, "-m", "fastcnn.cli", "summary", str(path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "input (2, 8, 8), 5 classes" in run.stdout
+    assert "  Sequential(5 layers)" in run.stdout and "FLOPs per image" in run.stdout
+    missing = subprocess.run([sys.executable, "-m", "fastcnn.cli", "summary",
+                              str(tmp_path / "none.npz")], capture_output=True, text=True,
+                             timeout=300)
+    assert missing.returncode != 0 and "no model file" in missing.stderr
