@@ -206,8 +206,8 @@ class ReLU(Layer):
         return dy if self._fused else kernels().relu_backward(dy, self._y)
 
 
-class MaxPool2D(Layer):
-    """Max pooling over pool_size x pool_size windows (stride defaults to pool_size), NCHW."""
+class _Pool2D(Layer):
+    """Pooling over pool_size x pool_size windows (stride defaults to pool_size), NCHW."""
 
     def __init__(self, pool_size=2, stride=None):
         super().__init__()
@@ -219,6 +219,13 @@ class MaxPool2D(Layer):
             raise ValueError(f"{self!r} expects input (C, H, W), got {tuple(shape)}")
         oh, ow = _contract.pool_output_size(shape[1], shape[2], self.pool_size, self.stride)
         return (shape[0], oh, ow)
+
+    def config(self):
+        return {"pool_size": self.pool_size, "stride": self.stride}
+
+
+class MaxPool2D(_Pool2D):
+    """Max pooling over pool_size x pool_size windows (stride defaults to pool_size), NCHW."""
 
     def forward(self, x):
         self._shape = x.shape
@@ -236,23 +243,9 @@ class MaxPool2D(Layer):
         return kernels().maxpool2d_backward(dy, self._argmax, self._shape, self.pool_size,
                                             self.stride)
 
-    def config(self):
-        return {"pool_size": self.pool_size, "stride": self.stride}
 
-
-class AvgPool2D(Layer):
+class AvgPool2D(_Pool2D):
     """Average pooling over pool_size x pool_size windows (stride defaults to pool_size), NCHW."""
-
-    def __init__(self, pool_size=2, stride=None):
-        super().__init__()
-        self.pool_size = _contract.check_int("pool_size", pool_size, 1)
-        self.stride = self.pool_size if stride is None else _contract.check_int("stride", stride, 1)
-
-    def output_shape(self, shape):
-        if len(shape) != 3:
-            raise ValueError(f"{self!r} expects input (C, H, W), got {tuple(shape)}")
-        oh, ow = _contract.pool_output_size(shape[1], shape[2], self.pool_size, self.stride)
-        return (shape[0], oh, ow)
 
     def forward(self, x):
         self._shape = x.shape
@@ -262,9 +255,6 @@ class AvgPool2D(Layer):
         if not need_dx:
             return None
         return kernels().avgpool2d_backward(dy, self._shape, self.pool_size, self.stride)
-
-    def config(self):
-        return {"pool_size": self.pool_size, "stride": self.stride}
 
 
 class GlobalAvgPool2D(Layer):

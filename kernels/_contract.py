@@ -260,14 +260,7 @@ def check_pool_forward(x, size, stride):
 
 
 def check_pool_backward(dy, argmax, input_shape, size, stride):
-    check_array("dy", dy, 4)
-    input_shape = check_shape4("input_shape", input_shape)
-    size = check_int("size", size, 1)
-    stride = check_int("stride", stride, 1)
-    n, c, h, w = input_shape
-    oh, ow = pool_output_size(h, w, size, stride)
-    if dy.shape != (n, c, oh, ow):
-        raise ValueError(f"dy must have shape {(n, c, oh, ow)}, got {dy.shape}")
+    input_shape, size, stride = check_avgpool_backward(dy, input_shape, size, stride)
     if not isinstance(argmax, np.ndarray) or argmax.shape != dy.shape:
         got = getattr(argmax, "shape", type(argmax).__name__)
         raise ValueError(f"argmax must be an array shaped like dy {dy.shape}, got {got}")
@@ -277,6 +270,8 @@ def check_pool_backward(dy, argmax, input_shape, size, stride):
 
 
 def check_avgpool_backward(dy, input_shape, size, stride):
+    """dy of a pooling of input_shape (N, C, H, W) by size and stride; (input_shape, size,
+    stride) checked. Max pooling's check adds its argmax to it."""
     check_array("dy", dy, 4)
     input_shape = check_shape4("input_shape", input_shape)
     size = check_int("size", size, 1)
