@@ -18,7 +18,7 @@ from . import __version__
 # What the parser offers (kept here so that building it imports nothing heavy); a test checks
 # that these agree with the modules that define them.
 BACKENDS = ("naive", "numpy", "numba")
-DATASETS = ("mnist-sample", "mnist", "fashion-mnist")
+DATASETS = ("mnist-sample", "mnist", "fashion-mnist", "cifar-10")
 PICTURE_STYLES = ("digit", "fashion", "none")
 MODELS = ("simple", "complex", "modern", "resnet")
 RECIPE_NAMES = ("seed", "modern", "resnet")

@@ -1,7 +1,9 @@
-"""Datasets: MNIST, Fashion-MNIST and the real-MNIST sample shipped inside the package.
+"""Datasets: MNIST, Fashion-MNIST, CIFAR-10 and the real-MNIST sample shipped inside the package.
 
-``load(name)`` returns ``((x_train, y_train), (x_test, y_test))``: images (N, 1, 28, 28), float32
-in [0, 1] (or the raw uint8 with ``raw=True``), labels int64.
+``load(name)`` returns ``((x_train, y_train), (x_test, y_test))``: images (N, C, H, W), float32
+in [0, 1] (or the raw uint8 with ``raw=True``), labels int64: 1x28x28 grey digits and clothes,
+3x32x32 colour photos for CIFAR-10 (its binary version, read from the archive without
+extracting it; never the pickled one).
 
 Full datasets are looked for in ``$FASTCNN_DATA/<name>/`` (default ``~/.cache/fastcnn/<name>/``),
 then in known system copies, then downloaded from the standard mirrors (HTTPS ones first) into
@@ -18,6 +20,7 @@ import hashlib
 import os
 import shutil
 import sys
+import tarfile
 import time
 import urllib.request
 from pathlib import Path
@@ -43,6 +46,9 @@ class DatasetSpec:
     mirrors: tuple = ()  # base URLs, tried in order (HTTPS ones first, see fetch)
     system_dirs: tuple = ()  # folders where a distribution may have installed the files
     system_package: str = ""  # the Debian package that installs them there
+    # files (relative to the dataset's folder) that stand in for the download when present
+    # (CIFAR-10's archive, extracted)
+    extracted: tuple = ()
 
 
 _MNIST_FILES = {
@@ -87,6 +93,18 @@ DATASETS = {
         system_package="dataset-fashion-mnist",
     ),
 }
+# CIFAR-10, binary version: one archive of six files of records (a label byte, then 32x32 red,
+# green and blue planes), five of training images and one of test images, 10,000 each.
+CIFAR_DIR = "cifar-10-batches-bin"
+CIFAR_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+CIFAR_TEST = "test_batch.bin"
+CIFAR_RECORD = 1 + 3 * 32 * 32
+DATASETS["cifar-10"] = DatasetSpec(
+    "cifar-10",
+    {"archive": ("cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530", 170052171)},
+    mirrors=("https://www.cs.toronto.edu/~kriz/",),
+    extracted=tuple(f"{CIFAR_DIR}/{name}" for name in (*CIFAR_TRAIN, CIFAR_TEST)),
+)
 NAMES = ("mnist-sample", *DATASETS)
 _DIGITS = tuple(str(d) for d in range(10))
 CLASS_NAMES = {
@@ -94,6 +112,8 @@ CLASS_NAMES = {
     "mnist": _DIGITS,
     "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                       "Sneaker", "Bag", "Ankle boot"),
+    "cifar-10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                 "ship", "truck"),
 }
 
 
@@ -110,7 +130,8 @@ def data_home() -> Path:
 
 
 def load(name, data_dir=None, download=True, raw=False):
-    """Load a dataset by name: ``"mnist-sample"``, ``"mnist"`` or ``"fashion-mnist"``.
+    """Load a dataset by name: ``"mnist-sample"``, ``"mnist"``, ``"fashion-mnist"`` or
+    ``"cifar-10"``.
 
     data_dir: the folder holding ``<name>/`` (default ``data_home()``); download: fetch what is
     missing; raw: keep images as uint8 0..255 instead of float32 0..1.
@@ -118,6 +139,8 @@ def load(name, data_dir=None, download=True, raw=False):
     if name == "mnist-sample":
         folder = SAMPLE_DIR
         files = {role: fname for role, (fname, *_) in _MNIST_FILES.items()}
+    elif name == "cifar-10":
+        return _read_cifar(locate(DATASETS[name], data_dir, download), raw)
     elif name in DATASETS:
         spec = DATASETS[name]
         folder = locate(spec, data_dir, download)
@@ -139,7 +162,10 @@ def _existing(folder, fname):
 
 
 def _complete(folder, spec):
-    return all(_existing(Path(folder), f) for f, *_ in spec.files.values())
+    folder = Path(folder)
+    if spec.extracted and all((folder / f).is_file() for f in spec.extracted):
+        return True
+    return all(_existing(folder, f) for f, *_ in spec.files.values())
 
 
 def locate(spec, data_dir=None, download=True) -> Path:
@@ -265,3 +291,51 @@ def _read_split(images_path, labels_path, raw):
     if not raw:
         x = x.astype(np.float32) / np.float32(255)
     return x, labels.astype(np.int64)
+
+
+def _read_cifar(folder, raw):
+    """CIFAR-10's splits from ``folder``: the extracted files if all are there, else straight
+    from the archive (only its six regular files, by name; nothing is written or unpickled)."""
+    folder = Path(folder)
+    extracted = folder / CIFAR_DIR
+    if all((extracted / name).is_file() for name in (*CIFAR_TRAIN, CIFAR_TEST)):
+        def read(name):
+            return (extracted / name).read_bytes(), extracted / name
+        return _cifar_splits(read, raw)
+    archive = folder / DATASETS["cifar-10"].files["archive"][0]
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            def read(name):
+                where = f"{archive} member {CIFAR_DIR}/{name}"
+                try:
+                    member = tar.getmember(f"{CIFAR_DIR}/{name}")
+                except KeyError:
+                    raise ValueError(f"{archive}: no {CIFAR_DIR}/{name} in the archive") from None
+                if not member.isfile() or member.size > 10**9:
+                    raise ValueError(f"{where}: not a regular file of records")
+                return tar.extractfile(member).read(member.size + 1), where
+            return _cifar_splits(read, raw)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ValueError(f"{archive}: not a readable CIFAR-10 archive (truncated or corrupt?): "
+                         f"{e}") from None
+
+
+def _cifar_splits(read, raw):
+    def split(names):
+        parts = [_cifar_records(*read(name)) for name in names]
+        x = np.concatenate([p[0] for p in parts])
+        y = np.concatenate([p[1] for p in parts])
+        return (x if raw else x.astype(np.float32) / np.float32(255)), y
+    return split(CIFAR_TRAIN), split((CIFAR_TEST,))
+
+
+def _cifar_records(data, where):
+    """(images (N, 3, 32, 32) uint8, labels (N,) int64) from one file's bytes."""
+    if not data or len(data) % CIFAR_RECORD:
+        raise ValueError(f"{where}: {len(data)} bytes is not a whole number of "
+                         f"{CIFAR_RECORD}-byte records (a label byte and 32x32x3 pixels)")
+    records = np.frombuffer(data, np.uint8).reshape(-1, CIFAR_RECORD)
+    labels = records[:, 0].astype(np.int64)
+    if labels.max() > 9:
+        raise ValueError(f"{where}: labels must be 0..9, found {labels.max()}")
+    return records[:, 1:].reshape(-1, 3, 32, 32).copy(), labels

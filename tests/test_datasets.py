@@ -260,3 +260,124 @@ def test_missing_fashion_mnist_says_how_to_install_it_where_apt_exists(tmp_path,
     with pytest.raises(datasets.DatasetUnavailable) as err:
         datasets.load("fashion-mnist", data_dir=tmp_path, download=False)
     assert ("apt-get install dataset-fashion-mnist" in str(err.value)) == has_apt
+
+
+# -- CIFAR-10 (binary version), on crafted files of its format: no copy can be downloaded here --
+
+
+def cifar_records(rng, n):
+    """n records: a label byte, then 32x32 red, green and blue planes."""
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    pixels = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
+    return np.concatenate([labels[:, None], pixels], axis=1).tobytes(), labels, pixels
+
+
+def write_cifar(folder, rng, counts=(3, 2, 1, 2, 3, 4), archive=True, edit=None):
+    """The six files of CIFAR-10's binary version with ``counts`` records each (the real ones
+    hold 10,000), as its archive (or extracted); returns the images and labels written."""
+    import io
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [*datasets.CIFAR_TRAIN, datasets.CIFAR_TEST]
+    files, written = {}, []
+    for name, n in zip(names, counts, strict=True):
+        data, labels, pixels = cifar_records(rng, n)
+        files[name] = data
+        written.append((labels, pixels))
+    if edit is not None:
+        edit(files)
+    if archive:
+        with tarfile.open(folder / "cifar-10-binary.tar.gz", "w:gz") as tar:
+            for name, data in files.items():
+                info = tarfile.TarInfo(f"{datasets.CIFAR_DIR}/{name}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    else:
+        (folder / datasets.CIFAR_DIR).mkdir(exist_ok=True)
+        for name, data in files.items():
+            (folder / datasets.CIFAR_DIR / name).write_bytes(data)
+    return written
+
+
+@pytest.mark.parametrize("archive", [True, False])
+def test_cifar10_is_read_from_its_archive_or_extracted(tmp_path, rng, archive):
+    written = write_cifar(tmp_path / "cifar-10", rng, archive=archive)
+    (x, y), (xt, yt) = datasets.load("cifar-10", data_dir=tmp_path, download=False, raw=True)
+    assert x.shape == (11, 3, 32, 32) and x.dtype == np.uint8 and xt.shape == (4, 3, 32, 32)
+    assert y.dtype == np.int64
+    labels, pixels = written[0]
+    np.testing.assert_array_equal(y[:3], labels)
+    np.testing.assert_array_equal(x[0, 0].reshape(-1), pixels[0, :1024])  # red plane first
+    np.testing.assert_array_equal(x[0, 2].reshape(-1), pixels[0, 2048:])  # then green, blue
+    np.testing.assert_array_equal(yt, written[5][0])
+    (xf, _), _ = datasets.load("cifar-10", data_dir=tmp_path, download=False)
+    assert xf.dtype == np.float32 and xf.max() <= 1.0
+    np.testing.assert_allclose(xf, x / 255, rtol=1e-6)
+    assert datasets.class_names("cifar-10")[3] == "cat"
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda f: f.update({"test_batch.bin": f["test_batch.bin"][:-7]}),
+     "not a whole number of 3073-byte records"),
+    (lambda f: f.update({"data_batch_2.bin": b"\x0c" + f["data_batch_2.bin"][1:]}),
+     "labels must be 0..9, found 12"),
+    (lambda f: f.pop("data_batch_4.bin"), "no cifar-10-batches-bin/data_batch_4.bin"),
+    (lambda f: f.update({"data_batch_1.bin": b""}), "0 bytes is not a whole number"),
+])
+def test_a_bad_cifar10_file_is_named(tmp_path, rng, edit, match):
+    write_cifar(tmp_path / "cifar-10", rng, edit=edit)
+    with pytest.raises(ValueError, match=match):
+        datasets.load("cifar-10", data_dir=tmp_path, download=False)
+
+
+def test_a_corrupt_cifar10_archive_is_named(tmp_path, rng):
+    write_cifar(tmp_path / "cifar-10", rng)
+    path = tmp_path / "cifar-10" / "cifar-10-binary.tar.gz"
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(ValueError, match="not a readable CIFAR-10 archive"):
+        datasets.load("cifar-10", data_dir=tmp_path, download=False)
+
+
+def test_cifar10_downloads_its_archive_checks_it_and_reads_it(tmp_path, rng, monkeypatch):
+    written = write_cifar(tmp_path / "www", rng)
+    data = (tmp_path / "www" / "cifar-10-binary.tar.gz").read_bytes()
+    with serve(tmp_path / "www") as url:
+        spec = dataclasses.replace(
+            datasets.DATASETS["cifar-10"], mirrors=(f"{url}/",),
+            files={"archive": ("cifar-10-binary.tar.gz", hashlib.md5(data).hexdigest(),
+                               len(data))})
+        monkeypatch.setitem(datasets.DATASETS, "cifar-10", spec)
+        (x, y), _ = datasets.load("cifar-10", data_dir=tmp_path / "cache", raw=True)
+        np.testing.assert_array_equal(y[:3], written[0][0])
+        assert (tmp_path / "cache/cifar-10/cifar-10-binary.tar.gz").read_bytes() == data
+        wrong = dataclasses.replace(spec, files={"archive": ("cifar-10-binary.tar.gz", "0" * 32,
+                                                             len(data))})
+        monkeypatch.setitem(datasets.DATASETS, "cifar-10", wrong)
+        with pytest.raises(datasets.DatasetUnavailable, match="checksum mismatch"):
+            datasets.load("cifar-10", data_dir=tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
+def test_the_real_cifar10_archive_is_named_with_its_published_checksum():
+    spec = datasets.DATASETS["cifar-10"]
+    assert spec.files["archive"] == ("cifar-10-binary.tar.gz",
+                                     "c32a1d4ab5d03f1284b67883e8d87530", 170052171)
+    assert spec.mirrors[0].startswith("https://")
+
+
+def test_fastcnn_train_on_cifar10_builds_a_colour_model(tmp_path, rng):
+    import os
+
+    write_cifar(tmp_path / "data" / "cifar-10", rng, counts=(16, 16, 16, 16, 16, 20))
+    env = dict(os.environ, FASTCNN_DATA=str(tmp_path / "data"))
+    run = subprocess.run([sys.executable, "-m", "fastcnn.cli", "train", "--dataset", "cifar-10",
+                          "--model", "resnet", "--epochs", "1", "--batch-size", "16",
+                          "--save", str(tmp_path / "m.npz")], capture_output=True, text=True,
+                         timeout=600, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "test accuracy" in run.stdout and "cifar-10: 72 training" in run.stdout
+    from fastcnn import ConvNet
+
+    net = ConvNet.load(tmp_path / "m.npz")
+    assert net.input_shape == (3, 32, 32) and net.class_names[0] == "airplane"
