@@ -213,7 +213,10 @@ def _add_training_args(train):
     c.add_argument("--early-stopping", type=_positive_int, metavar="PATIENCE",
                    help="stop when the validation loss has not improved for PATIENCE epochs, "
                         "keeping the best weights")
-    a = train.add_argument_group("augmentation")
+    a = train.add_argument_group("augmentation and normalisation")
+    a.add_argument("--normalize", action="store_true", default=None,
+                   help="normalise every image per channel by the training images' mean and "
+                        "standard deviation (kept in the saved model; resnet recipe: on)")
     a.add_argument("--augment", type=_augment_spec, metavar="SPEC",
                    help="move and/or mirror every training image anew each batch: crop (up to "
                         "4 pixels each way; crop=N for N), flip (left-right; not for digits), "
@@ -282,6 +285,8 @@ def cmd_train(args):
         classes = max(int(y_train.max()) + 1, len(datasets.class_names(args.dataset) or ()))
         net = models.build(args.model, dtype=args.dtype, seed=args.seed,
                            input_shape=x_train.shape[1:], classes=classes)
+        if args.normalize:
+            net.set_normalization(x=x_train)
         opt, schedule = _optimizer_and_schedule(args, -(-len(x_train) // args.batch_size))
         done = ""
     # saved with the model (and its checkpoints): what its outputs mean

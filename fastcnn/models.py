@@ -137,7 +137,7 @@ RECIPES = {
     # short warm-up and a cosine decay (the usual recipe for CIFAR-size ResNets)
     "resnet": {"model": "resnet", "optimizer": "sgd", "lr": 0.1, "momentum": 0.9,
                "weight_decay": 5e-4, "batch_size": 128, "epochs": 15, "schedule": "cosine",
-               "warmup_fraction": 0.02},
+               "warmup_fraction": 0.02, "normalize": True},
 }
 
 

@@ -33,6 +33,9 @@ class ConvNet:
         self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
         self.dataset: str | None = None
         self.class_names: tuple[str, ...] | None = None
+        # per-channel (mean, std) subtracted and divided by as images are prepared (see
+        # set_normalization); saved with the model, so evaluate and predict apply it too
+        self.normalization: tuple[np.ndarray, np.ndarray] | None = None
         self.loss = SoftmaxCrossEntropy()
         self.gradient_hook = None  # called as hook(net) between backward and the optimizer step
         for layer in layers or ():
@@ -283,7 +286,36 @@ class ConvNet:
             np.multiply(x[idx], out.dtype.type(1 / 255), out=out)
         else:
             np.copyto(out, x[idx], casting="same_kind")
+        if self.normalization is not None:
+            mean, std = self.normalization
+            out -= mean.astype(out.dtype)[:, None, None]
+            out /= std.astype(out.dtype)[:, None, None]
         return out
+
+    def set_normalization(self, mean=None, std=None, x=None):
+        """Normalise every image per channel, ``(image - mean[c]) / std[c]``, wherever images
+        are prepared (fit, evaluate, predict, and after loading the model file, which keeps
+        them). Either give ``mean`` and ``std`` (C values each, std > 0), or ``x``, images
+        as fit takes them (uint8 scaled by 1/255), to compute them from; ``None`` for both and
+        ``x`` turns it off. Returns self."""
+        if x is not None:
+            if mean is not None or std is not None:
+                raise ValueError("give mean and std, or x to compute them from, not both")
+            self.check_images(x, "x")
+            mean, std = _channel_statistics(x)
+        elif mean is None and std is None:
+            self.normalization = None
+            return self
+        mean, std = (np.asarray(v, np.float64).reshape(-1) for v in (mean, std))
+        channels = (self.input_shape or (len(mean),))[0]
+        if mean.shape != (channels,) or std.shape != (channels,):
+            raise ValueError(f"mean and std need {channels} values (one per channel), got "
+                             f"{mean.size} and {std.size}")
+        if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+            raise ValueError(f"mean must be finite and std finite and > 0, got mean "
+                             f"{mean.tolist()}, std {std.tolist()}")
+        self.normalization = (mean, std)
+        return self
 
     def check_data(self, x, y, what="x, y"):
         """Images as ``check_images`` wants them and 1-D integer labels in [0, K), as many as
@@ -448,3 +480,19 @@ def _nonfinite_images(x, chunk=4096):
     return bad
 
 
+
+
+def _channel_statistics(x, chunk=4096):
+    """(mean, std) per channel of images x (uint8 scaled by 1/255), in float64, a chunk of
+    images at a time; a channel that never varies gets std 1 (nothing to scale)."""
+    total = np.zeros(x.shape[1])
+    squares = np.zeros(x.shape[1])
+    scale = 1 / 255 if x.dtype == np.uint8 else 1.0
+    for start in range(0, len(x), chunk):
+        part = x[start : start + chunk].astype(np.float64) * scale
+        total += part.sum(axis=(0, 2, 3))
+        squares += (part * part).sum(axis=(0, 2, 3))
+    count = len(x) * x.shape[2] * x.shape[3]
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean * mean, 0))
+    return mean, np.where(std > 1e-12, std, 1.0)

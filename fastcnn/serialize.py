@@ -71,6 +71,9 @@ def model_arrays(net, extra_records=None):
         arch["dataset"] = net.dataset
     if net.class_names is not None:
         arch["class_names"] = list(net.class_names)
+    if net.normalization is not None:
+        arch["normalization"] = {"mean": [float(v) for v in net.normalization[0]],
+                                 "std": [float(v) for v in net.normalization[1]]}
     arrays["architecture"] = np.frombuffer(json.dumps(arch).encode(), dtype=np.uint8)
     return arrays
 
@@ -152,6 +155,16 @@ def _load(cls, path, read_extra):
     except ValueError as e:
         raise Invalid(str(e)) from None
     net.dataset, net.class_names = _labels(arch, net.num_classes())
+    if "normalization" in arch:
+        record = arch["normalization"]
+        if not isinstance(record, dict) or set(record) != {"mean", "std"} or not all(
+                isinstance(v, list) and all(type(e) in (int, float) for e in v)
+                for v in record.values()):
+            raise Invalid("its normalization must be {mean: [numbers], std: [numbers]}")
+        try:
+            net.set_normalization(record["mean"], record["std"])
+        except ValueError as e:
+            raise Invalid(f"its normalization: {e}") from None
     net.eval()  # a loaded model infers until told to train
     return net if read_extra is None else (net, result)
 

@@ -502,6 +502,7 @@ def _resume_into(net, resume):
                          f"resume with a network of the same dtype")
     for (_, a), (_, b) in zip(_named_arrays(net), _named_arrays(saved), strict=True):
         a[...] = b
+    net.normalization = saved.normalization  # the run's, as its images were prepared
     return state, arrays
 
 

@@ -372,3 +372,51 @@ def test_fastcnn_summary_prints_a_saved_models_tree(tmp_path):
                               str(tmp_path / "none.npz")], capture_output=True, text=True,
                              timeout=300)
     assert missing.returncode != 0 and "no model file" in missing.stderr
+
+
+def test_per_channel_normalisation_is_computed_applied_saved_and_checked(tmp_path, rng):
+    from fastcnn import models
+
+    x = rng.integers(0, 256, (40, 3, 6, 6), dtype=np.uint8)
+    x[:, 1] //= 4  # a darker green
+    y = rng.integers(0, 10, 40)
+    net = models.build("simple", input_shape=(3, 6, 6)).set_normalization(x=x)
+    mean, std = net.normalization
+    scaled = x / 255.0
+    np.testing.assert_allclose(mean, scaled.mean(axis=(0, 2, 3)), rtol=1e-10)
+    np.testing.assert_allclose(std, scaled.std(axis=(0, 2, 3)), rtol=1e-8)
+    prepared = net.prepare_batch(x, np.arange(40))
+    np.testing.assert_allclose(prepared.mean(axis=(0, 2, 3)), 0, atol=1e-5)
+    np.testing.assert_allclose(prepared.std(axis=(0, 2, 3)), 1, rtol=1e-4)
+    net.fit(x, y, epochs=1, batch_size=8, verbose=False)
+    path = tmp_path / "n.npz"
+    net.save(path)
+    loaded = ConvNet.load(path)
+    np.testing.assert_array_equal(loaded.normalization[0], mean)
+    np.testing.assert_array_equal(loaded.predict_proba(x), net.predict_proba(x))
+    plain = ConvNet.load(path).set_normalization()  # off: other outputs
+    assert not np.allclose(plain.predict_proba(x), net.predict_proba(x))
+    with pytest.raises(ValueError, match="need 3 values"):
+        net.set_normalization([0.5, 0.5], [0.2, 0.2])
+    with pytest.raises(ValueError, match="std finite and > 0"):
+        net.set_normalization([0.5] * 3, [0.2, 0.0, 0.2])
+    for bad in ({"mean": [0.1, 0.2, 0.3], "std": [1, -1, 1]}, {"mean": [0.1] * 3},
+                {"mean": ["a"] * 3, "std": [1] * 3}, [1, 2]):
+        edit_architecture(path, tmp_path / "bad.npz", lambda a, b=bad: a.update(normalization=b))
+        with pytest.raises(ValueError, match="normalization"):
+            ConvNet.load(tmp_path / "bad.npz")
+
+
+def test_a_resumed_run_keeps_its_normalisation(tmp_path, rng):
+    from fastcnn import models
+
+    x, y = rng.integers(0, 256, (24, 3, 6, 6), dtype=np.uint8), rng.integers(0, 10, 24)
+    whole = models.build("simple", input_shape=(3, 6, 6)).set_normalization(x=x)
+    whole.fit(x, y, epochs=2, batch_size=8, seed=1, verbose=False)
+    ck = tmp_path / "ck.npz"
+    first = models.build("simple", input_shape=(3, 6, 6)).set_normalization(x=x)
+    first.fit(x, y, epochs=1, batch_size=8, seed=1, checkpoint=ck, verbose=False)
+    resumed = models.build("simple", input_shape=(3, 6, 6))  # none of its own
+    resumed.fit(x, y, epochs=2, batch_size=8, resume=ck, verbose=False)
+    for (_, p, _), (_, q, _) in zip(whole.parameters(), resumed.parameters(), strict=True):
+        np.testing.assert_array_equal(p, q)
