@@ -151,6 +151,18 @@ def confusion_matrix(net, x, y, class_names=None, path=None):
     return _finish(fig, path)
 
 
+def _show_image(ax, image, cmap="gray"):
+    """An image (C, H, W) or (H, W), uint8 or float: colour for 3 channels (floats clipped to
+    [0, 1]), else its first channel in ``cmap``."""
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[0] == 3:
+        rgb = np.transpose(image, (1, 2, 0))
+        rgb = rgb / 255.0 if rgb.dtype == np.uint8 else np.clip(rgb, 0, 1)
+        ax.imshow(rgb)
+    else:
+        ax.imshow(image.reshape(image.shape[-2:]) if image.ndim == 2 else image[0], cmap=cmap)
+
+
 def _conv_layers(net):
     from .layers import Conv2D
 
@@ -162,11 +174,12 @@ def _conv_layers(net):
 
 def conv_filters(net, path=None):
     """The first convolution layer's filters, one small image per (filter, input channel) in a
-    diverging colour scale centred on zero (red positive, blue negative)."""
+    diverging colour scale centred on zero (red positive, blue negative); on colour input, one
+    colour image per filter (grey is zero, each channel's weight moves its colour)."""
     _, conv = _conv_layers(net)[0]
     w = conv.params["weight"]  # (F, C, KH, KW)
     f, c = w.shape[:2]
-    per_filter = c if c <= 4 else 1  # many input channels: their mean
+    per_filter = c if c <= 4 and c != 3 else 1  # many input channels: their mean
     cols = min(8, f) * per_filter
     rows = math.ceil(f / min(8, f))
     fig = _figure(1.1 * cols + 1, 1.2 * rows + 0.6)
@@ -177,8 +190,11 @@ def conv_filters(net, path=None):
     for n in range(f):
         for ch in range(per_filter):
             ax = axes[n // 8, (n % 8) * per_filter + ch]
-            image = w[n, ch] if per_filter == c else w[n].mean(axis=0)
-            ax.imshow(image, cmap="RdBu_r", vmin=-limit, vmax=limit)
+            if c == 3:  # as colour: -limit..limit -> 0..1 per channel
+                ax.imshow(np.transpose(w[n], (1, 2, 0)) / (2 * limit) + 0.5)
+            else:
+                image = w[n, ch] if per_filter == c else w[n].mean(axis=0)
+                ax.imshow(image, cmap="RdBu_r", vmin=-limit, vmax=limit)
             ax.set_title(f"{n}" if per_filter == 1 else f"{n}.{ch}", fontsize=8)
     fig.suptitle(f"First convolution's {f} filters ({w.shape[2]}x{w.shape[3]}, "
                  f"{c} input channel{'s' if c > 1 else ''}); red > 0 > blue")
@@ -195,7 +211,7 @@ def feature_maps(net, image, path=None, per_layer=8, label=None):
         x = x[None]
     x = x[None]
     net.check_images(x)
-    x = x.astype(net.dtype) / 255 if x.dtype == np.uint8 else x.astype(net.dtype)
+    x = net.prepare_batch(x, [0])  # scaled and normalised as the model was trained
     convs = _conv_layers(net)
     outputs = []
     with net.mode(False):
@@ -213,7 +229,7 @@ def feature_maps(net, image, path=None, per_layer=8, label=None):
     axes = fig.subplots(rows, per_layer, squeeze=False)
     for ax in axes.ravel():
         ax.set_axis_off()
-    axes[0, 0].imshow(np.asarray(image).reshape(np.asarray(image).shape[-2:]), cmap="gray")
+    _show_image(axes[0, 0], image)
     axes[0, 0].set_title("input" + (f" ({label})" if label is not None else ""), fontsize=9)
     for r, (i, maps) in enumerate(outputs, start=1):
         for ch in range(min(per_layer, maps.shape[0])):
@@ -241,7 +257,7 @@ def misclassified(net, x, y, class_names=None, path=None, count=24):
     for ax in axes.ravel():
         ax.set_axis_off()
     for ax, i in zip(axes.ravel(), wrong, strict=False):
-        ax.imshow(np.asarray(x[i]).reshape(np.asarray(x[i]).shape[-2:]), cmap="gray_r")
+        _show_image(ax, x[i], "gray_r")
         ax.set_title(f"true {_short(names[y[i]])}\nsaid {_short(names[pred[i]])} "
                      f"{proba[i, pred[i]]:.0%}", fontsize=8)
     fig.suptitle(f"{len(np.flatnonzero(pred != np.asarray(y))):,} of {len(y):,} test images "

@@ -164,3 +164,26 @@ def test_fastcnn_plot_and_train_plot_from_the_command_line(tmp_path):
             == (tmp_path / "during" / "confusion_matrix.png").read_bytes())
     run = fastcnn("plot", "m.npz", "--image", "5000", "--test-limit", "200")
     assert run.returncode == 1 and "image_index 5000 is outside the 200 test images" in run.stderr
+
+
+def test_pictures_of_a_colour_residual_model(tmp_path, rng):
+    """Every picture of a 3x32x32 ResNet trained with normalisation: the images in colour,
+    the feature maps fed what the model was trained on (normalised)."""
+    x = rng.integers(0, 256, (40, 3, 32, 32), dtype=np.uint8)
+    y = rng.integers(0, 10, 40)
+    net = models.build("resnet", input_shape=(3, 32, 32)).set_normalization(x=x)
+    record = net.fit(x, y, epochs=1, batch_size=20, verbose=False)
+    written = plots.save_all(net, x, y, tmp_path / "pics", history=record,
+                             class_names=datasets.class_names("cifar-10"))
+    assert [p.name for p in written] == list(plots.FILES)
+    for path in written:
+        width, height = png_size(path)
+        assert 300 <= width <= 2000 and 100 <= height <= 2000
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    plots._show_image(ax, x[0])
+    shown = ax.get_images()[0].get_array()
+    assert shown.shape == (32, 32, 3)  # in colour
+    np.testing.assert_allclose(shown, np.transpose(x[0], (1, 2, 0)) / 255)
+    plt.close(fig)
