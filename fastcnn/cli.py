@@ -19,7 +19,7 @@ from . import __version__
 # that these agree with the modules that define them.
 BACKENDS = ("naive", "numpy", "numba")
 DATASETS = ("mnist-sample", "mnist", "fashion-mnist", "cifar-10")
-PICTURE_STYLES = ("digit", "fashion", "none")
+PICTURE_STYLES = ("digit", "fashion", "none", "photo")
 MODELS = ("simple", "complex", "modern", "resnet")
 RECIPE_NAMES = ("seed", "modern", "resnet")
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
@@ -509,8 +509,9 @@ def _add_predict_parser(subparsers):
     predict.add_argument("--top", type=_positive_int, default=3,
                          help="how many classes to show (default: %(default)s)")
     predict.add_argument("--style", choices=PICTURE_STYLES,
-                         help="how to prepare the picture (default: from the dataset the model "
-                              "was trained on, per its history file; else digit)")
+                         help="how to prepare the picture (default: photo for a colour model, "
+                              "else from the dataset the model was trained on; else digit): "
+                              "photo scales the whole picture to the model's input")
     predict.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
                          help="dark ink on light paper is inverted (default: %(default)s: "
                               "decided from the picture's border)")
@@ -536,7 +537,8 @@ def cmd_predict(args):
         if len(names) != net.num_classes():
             raise ValueError(f"--classes names {len(names)} classes, the model has "
                              f"{net.num_classes()}")
-    style = args.style or ("fashion" if dataset == "fashion-mnist" else "digit")
+    style = args.style or ("photo" if net.input_shape[0] == 3 else
+                           "fashion" if dataset == "fashion-mnist" else "digit")
     invert = {"auto": "auto", "yes": True, "no": False}[args.invert]
     for image in args.images:
         ranked = predict.top_classes(net, image, names, top=args.top, style=style,

@@ -7,6 +7,8 @@ fitted in 20x20 pixels keeping its aspect ratio (anti-aliased, hence grey levels
 finding which side is ink: a photo of a dark pen on light paper is inverted (the paper's level,
 read from the picture's border, becomes black). Fashion-MNIST's products fill their 28x28 field
 instead (``style="fashion"``); ``style="none"`` only scales the whole picture to 28x28.
+Photos for a colour model (CIFAR-10's 3x32x32, say) are scaled whole to its input, in colour
+(``style="photo"``, the only style a 3-channel model takes).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-STYLES = ("digit", "fashion", "none")
+INK_STYLES = ("digit", "fashion", "none")  # to_model_input's: grey pictures of ink
+STYLES = (*INK_STYLES, "photo")
 # Pictures are refused before they are decoded when larger than this: a 24-megapixel camera's
 # photo fits, and reading one takes about 1 GB at its peak. A side longer than MAX_SIDE is
 # refused too (a 3 x 13,000,000 strip is within MAX_PIXELS but not a picture of anything).
@@ -28,6 +31,17 @@ def read_gray(path):
     """The picture at ``path`` as a (H, W) float32 array in [0, 1], 1 = white: turned upright
     as its EXIF orientation says, transparent pixels on white, every bit of a 16- or 32-bit
     grey picture kept. Its size is checked before it is decoded."""
+    return _read(path, _gray)
+
+
+def read_rgb(path):
+    """The picture at ``path`` as a (H, W, 3) float32 array in [0, 1] (red, green, blue):
+    upright, transparent pixels on white, grey pictures as equal channels; checked like
+    ``read_gray``."""
+    return _read(path, _rgb)
+
+
+def _read(path, decode):
     try:
         from PIL import Image, ImageOps, UnidentifiedImageError
     except ImportError as e:
@@ -46,7 +60,7 @@ def read_gray(path):
                 raise ValueError(f"{path} is {w}x{h} pixels; fastcnn reads pictures of at most "
                                  f"{MAX_PIXELS:,} pixels and {MAX_SIDE:,} on a side: scale it "
                                  "down first")
-            gray = _gray(ImageOps.exif_transpose(im), path)
+            gray = decode(ImageOps.exif_transpose(im), path)
     except Image.DecompressionBombError as e:  # Pillow's own limit, met while opening
         raise ValueError(f"{path} is larger than fastcnn reads (at most {MAX_PIXELS:,} pixels "
                          f"and {MAX_SIDE:,} on a side): {e}") from None
@@ -72,6 +86,42 @@ def _gray(im, path):
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         im = Image.alpha_composite(white, rgba)
     return np.asarray(im.convert("L"), dtype=np.float32) / 255
+
+
+def _rgb(im, path):
+    """A decoded picture as red, green and blue floats in [0, 1]."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):  # deep grey: every bit, as grey
+        return np.repeat(_gray(im, path)[:, :, None], 3, axis=2)
+    from PIL import Image
+
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return np.asarray(im.convert("RGB"), dtype=np.float32) / 255
+
+
+def photo_input(picture, shape):
+    """A picture, (H, W) grey or (H, W, 3) colour, in [0, 1] or uint8, scaled whole (area
+    averaging) to a model input of ``shape`` (C, H, W): colour for 3 channels, grey for 1."""
+    a = np.asarray(picture)
+    if a.dtype == np.uint8:
+        a = a / 255
+    elif a.dtype.kind != "f" or not np.isfinite(a).all():
+        raise ValueError("a picture must be uint8 or finite floats in [0, 1]")
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[2] not in (1, 3) or min(a.shape[:2]) < 2:
+        raise ValueError(f"a picture must be (H, W) grey or (H, W, 3) colour, at least 2x2, "
+                         f"got shape {a.shape}")
+    c, h, w = shape
+    if c not in (1, 3):
+        raise ValueError(f"pictures become 1- or 3-channel inputs; the model takes {c}")
+    if c == 3 and a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    elif c == 1 and a.shape[2] == 3:
+        a = a @ np.array([0.299, 0.587, 0.114])[:, None]  # ITU-R 601 luma, as Pillow's "L"
+    out = np.stack([_resize_area(a[:, :, k], h, w) for k in range(c)])
+    return np.clip(out, 0, 1).astype(np.float32)
 
 
 def _unit_range(a, top=None):
@@ -150,8 +200,9 @@ def to_model_input(gray, style="digit", invert="auto", size=28):
     light ink on black, prepared as MNIST's digits (``style="digit"``), Fashion-MNIST's products
     (``"fashion"``: fitted in the whole field, centred) or just scaled (``"none"``). invert:
     "auto" (from the border: light paper is inverted), True or False."""
-    if style not in STYLES:
-        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    if style not in INK_STYLES:
+        raise ValueError(f"style must be one of {INK_STYLES} (photos: photo_input), got "
+                         f"{style!r}")
     if invert not in ("auto", True, False):
         raise ValueError(f"invert must be 'auto', True or False, got {invert!r}")
     gray = np.asarray(gray)
@@ -173,11 +224,21 @@ def to_model_input(gray, style="digit", invert="auto", size=28):
 
 
 def top_classes(net, image, class_names=None, top=3, style="digit", invert="auto"):
-    """The ``top`` most likely classes for one picture (a path, or a grey array) as a list of
-    (class index, class name, probability), most likely first."""
-    gray = read_gray(image) if isinstance(image, str | Path) else image
+    """The ``top`` most likely classes for one picture (a path, or a grey or colour array) as
+    a list of (class index, class name, probability), most likely first. A model of 3-channel
+    input takes the picture as a photo, whatever ``style`` says."""
+    shape = tuple(net.input_shape) if net.input_shape is not None else (1, 28, 28)
+    if shape[0] == 3:
+        style = "photo"
+    if style == "photo":
+        picture = read_rgb(image) if isinstance(image, str | Path) else image
+    else:
+        picture = read_gray(image) if isinstance(image, str | Path) else image
     try:
-        x = to_model_input(gray, style=style, invert=invert)
+        if style == "photo":
+            x = photo_input(picture, shape)
+        else:
+            x = to_model_input(picture, style=style, invert=invert, size=shape[1])
     except ValueError as e:
         if not isinstance(image, str | Path):
             raise

@@ -64,7 +64,7 @@ def test_bad_pictures_are_clear_errors():
 
 def test_the_three_styles_differ_and_all_fill_28x28():
     pic = synthetic_seven(False)
-    out = {s: predict.to_model_input(pic, style=s) for s in predict.STYLES}
+    out = {s: predict.to_model_input(pic, style=s) for s in predict.INK_STYLES}
     assert all(v.shape == (1, 28, 28) for v in out.values())
     assert not np.allclose(out["digit"], out["fashion"])
     # fashion: the longer side fills the whole field
@@ -266,3 +266,42 @@ def test_a_model_file_says_what_its_classes_are(tmp_path):
         with pytest.raises(ValueError, match=f"bad.npz is not a valid fastcnn model file: "
                                              f"{message}"):
             ConvNet.load(tmp_path / "bad.npz")
+
+
+def test_photo_input_scales_the_whole_picture_to_the_models_shape(rng):
+    picture = rng.random((64, 48, 3)).astype(np.float32)
+    x = predict.photo_input(picture, (3, 32, 32))
+    assert x.shape == (3, 32, 32) and x.dtype == np.float32
+    np.testing.assert_allclose(x.mean(axis=(1, 2)), picture.mean(axis=(0, 1)), rtol=1e-5)
+    grey = predict.photo_input((picture * 255).astype(np.uint8), (1, 16, 16))
+    assert grey.shape == (1, 16, 16) and 0 <= grey.min() and grey.max() <= 1
+    both = predict.photo_input(picture[:, :, 0], (3, 8, 8))  # grey picture, colour model
+    np.testing.assert_array_equal(both[0], both[2])
+    with pytest.raises(ValueError, match="1- or 3-channel"):
+        predict.photo_input(picture, (2, 8, 8))
+    with pytest.raises(ValueError, match="finite floats"):
+        predict.photo_input(np.full((4, 4, 3), np.nan), (3, 8, 8))
+
+
+@needs_pillow
+def test_fastcnn_predict_on_a_colour_model_reads_the_photo_in_colour(tmp_path, rng):
+    """A 3x32x32 model (CIFAR-10's shape) gets the picture scaled whole, in colour; a red
+    picture and a blue one are told apart by a model that learned to."""
+    from PIL import Image
+
+    x = np.zeros((60, 3, 32, 32), np.uint8)
+    y = np.arange(60) % 2
+    x[y == 0, 0] = 220  # class 0: red
+    x[y == 1, 2] = 220  # class 1: blue
+    net = models.build("simple", input_shape=(3, 32, 32), classes=2)
+    net.fit(x, y, epochs=3, batch_size=10, lr=0.1, verbose=False)
+    net.class_names = ("red", "blue")
+    net.save(tmp_path / "c.npz")
+    for name, colour in (("r.png", (230, 10, 10)), ("b.jpg", (10, 10, 230))):
+        Image.new("RGB", (90, 70), colour).save(tmp_path / name)
+    run = subprocess.run([sys.executable, "-m", "fastcnn.cli", "predict", "c.npz", "r.png",
+                          "b.jpg", "--top", "1"], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert lines[0].startswith("r.png: red ") and lines[1].startswith("b.jpg: blue ")
