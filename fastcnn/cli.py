@@ -18,7 +18,7 @@ from . import __version__
 # What the parser offers (kept here so that building it imports nothing heavy); a test checks
 # that these agree with the modules that define them.
 BACKENDS = ("naive", "numpy", "numba")
-DATASETS = ("mnist-sample", "mnist", "fashion-mnist", "cifar-10")
+DATASETS = ("mnist-sample", "mnist", "fashion-mnist", "cifar-10", "folder")
 PICTURE_STYLES = ("digit", "fashion", "none", "photo")
 MODELS = ("simple", "complex", "modern", "resnet")
 RECIPE_NAMES = ("seed", "modern", "resnet")
@@ -77,7 +77,8 @@ def _add_data_args(p, batch_help):
     p.add_argument("--dataset", choices=DATASETS,
                    help="dataset (default: mnist-sample, shipped with fastcnn, no network needed)")
     p.add_argument("--data-dir", help="folder holding <dataset>/ (default: $FASTCNN_DATA or "
-                                      "~/.cache/fastcnn)")
+                                      "~/.cache/fastcnn); for --dataset folder, your picture "
+                                      "tree: train/<class>/*.png, test/<class>/*.png")
     _add_compute_args(p)
     if batch_help:
         p.add_argument("--batch-size", type=_positive_int, default=None, help=batch_help)
@@ -166,6 +167,7 @@ def _resume_run(args):
     epochs, save = args.epochs, args.save
     for key in _RUN_KEYS:
         setattr(args, key, run[key])
+    args.image_size = run.get("image_size")  # (runs of earlier versions have none)
     args.epochs = epochs or args.epochs
     args.save = save or args.save
     if args.checkpoint is None:
@@ -223,6 +225,21 @@ def _add_training_args(train):
                         "or crop,flip (default: none)")
 
 
+def _image_size(text):
+    import argparse
+
+    parts = text.lower().split("x")
+    try:
+        size = tuple(int(p) for p in parts)
+    except ValueError:
+        size = ()
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"expected HxW or N (pixels), got {text!r}")
+    return size
+
+
 def _augment_spec(text):
     import argparse
 
@@ -245,6 +262,9 @@ def _add_train_parser(subparsers):
     train.add_argument("--limit", type=_positive_int, help="train on the first N training images")
     train.add_argument("--test-limit", type=_positive_int,
                        help="test on the first N test images (default: all; 200 on naive)")
+    train.add_argument("--image-size", type=_image_size, metavar="HxW",
+                       help="--dataset folder: resize every picture to H x W (or N x N for "
+                            "N); without it they must all have one size")
     train.add_argument("--val-fraction", type=_fraction, default=0.1,
                        help="fraction of the training images held out for validation "
                             "(default: %(default)s)")
@@ -282,7 +302,8 @@ def cmd_train(args):
         done = f" | resuming after epoch {state['epoch']}" + (
             f", batch {state['batch']}" if state["batch"] else "")
     else:
-        classes = max(int(y_train.max()) + 1, len(datasets.class_names(args.dataset) or ()))
+        classes = max(int(y_train.max()) + 1,
+                      len(datasets.class_names(args.dataset, args.data_dir) or ()))
         net = models.build(args.model, dtype=args.dtype, seed=args.seed,
                            input_shape=x_train.shape[1:], classes=classes)
         if args.normalize:
@@ -290,7 +311,8 @@ def cmd_train(args):
         opt, schedule = _optimizer_and_schedule(args, -(-len(x_train) // args.batch_size))
         done = ""
     # saved with the model (and its checkpoints): what its outputs mean
-    net.dataset, net.class_names = args.dataset, datasets.class_names(args.dataset)
+    net.dataset = args.dataset
+    net.class_names = datasets.class_names(args.dataset, args.data_dir)
     if args.plot and dp.is_root:
         _check_folder(args.plot)
     held_out = f", {len(val[0])} validation" if val else ""
@@ -305,6 +327,7 @@ def cmd_train(args):
         print(f"recipe: {opt!r}, schedule {schedule!r}, batch {args.batch_size}, "
               f"{args.epochs} epochs", flush=True)
     run = {key: getattr(args, key) for key in _RUN_KEYS}
+    run["image_size"] = args.image_size
     start = time.perf_counter()
     record = net.fit(x_train, y_train, epochs=args.epochs, batch_size=args.batch_size,
                      optimizer=opt, schedule=schedule, validation_data=val, seed=args.seed,
@@ -358,9 +381,15 @@ def _refuse_collisions(outputs):
 
 def _train_data(args):
     """(training, validation or None, test) pairs of images and labels, as the flags say."""
+    import numpy as np
+
     from . import backend, datasets
 
-    (x, y), (x_test, y_test) = datasets.load(args.dataset, args.data_dir, raw=True)
+    (x, y), (x_test, y_test) = datasets.load(args.dataset, args.data_dir, raw=True,
+                                             size=args.image_size)
+    if args.dataset == "folder":  # a tree lists its pictures class by class: shuffle the
+        order = np.random.default_rng(0).permutation(len(x))  # held-out part's choice
+        x, y = x[order], y[order]
     (x_train, y_train), val = _split(x, y, args.limit, args.val_fraction)
     if len(x_train) == 0:
         raise ValueError(f"no training images left: --limit {args.limit} with --val-fraction "
@@ -396,7 +425,7 @@ def _test_and_save(args, net, record, run, test, trained, processes):
         folder = Path(args.plot)
         history.save(record, folder / "history.json", folder / "history.csv", config)
         written = plots.save_all(net, x_test, y_test, folder, history=record,
-                                 class_names=datasets.class_names(args.dataset))
+                                 class_names=datasets.class_names(args.dataset, args.data_dir))
         print(f"wrote {len(written)} pictures and the history to {folder}/: "
               + ", ".join(p.name for p in written))
 
@@ -485,10 +514,11 @@ def cmd_plot(args):
     record, config = _history_beside(args.model, args.history)
     dataset = args.dataset or net.dataset or config.get("dataset") or "mnist-sample"
     data_dir = args.data_dir or config.get("data_dir")
-    _, (x_test, y_test) = datasets.load(dataset, data_dir, raw=True)
+    _, (x_test, y_test) = datasets.load(dataset, data_dir, raw=True, size=net.input_shape[1:])
     x_test, y_test = x_test[: args.test_limit], y_test[: args.test_limit]
     written = plots.save_all(net, x_test, y_test, args.out, history=record,
-                             class_names=datasets.class_names(dataset), image_index=args.image)
+                             class_names=net.class_names or datasets.class_names(dataset, data_dir),
+                             image_index=args.image)
     if record is None:
         print(f"no history beside {args.model} (train with --save to keep one): no learning "
               "curves")
@@ -515,6 +545,9 @@ def _add_predict_parser(subparsers):
     predict.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
                          help="dark ink on light paper is inverted (default: %(default)s: "
                               "decided from the picture's border)")
+    predict.add_argument("--show-input", metavar="DIR",
+                         help="also write what the model received for each picture, as "
+                              "DIR/<picture name>.input.png")
     predict.add_argument("--classes", help="comma-separated class names (default: the "
                                            "dataset's, per the history file; else 0, 1, ...)")
     _add_compute_args(predict)
@@ -522,6 +555,8 @@ def _add_predict_parser(subparsers):
 
 
 def cmd_predict(args):
+    import warnings
+
     from . import datasets, predict
     from .network import ConvNet
 
@@ -540,9 +575,20 @@ def cmd_predict(args):
     style = args.style or ("photo" if net.input_shape[0] == 3 else
                            "fashion" if dataset == "fashion-mnist" else "digit")
     invert = {"auto": "auto", "yes": True, "no": False}[args.invert]
+    if args.show_input:
+        _check_folder(args.show_input)
     for image in args.images:
-        ranked = predict.top_classes(net, image, names, top=args.top, style=style,
-                                     invert=invert)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", predict.AmbiguousBackground)
+            x = predict.model_input(net, image, style=style, invert=invert)
+        for warning in caught:
+            print(f"{image}: note: {warning.message}", file=sys.stderr)
+        if args.show_input:
+            from pathlib import Path
+
+            shown_as = Path(args.show_input) / f"{Path(image).name}.input.png"
+            predict.save_input(x, shown_as)
+        ranked = predict.rank(net, x, names, top=args.top)
         shown = ", ".join(f"{name} {p:.1%}" for _, name, p in ranked)
         print(f"{image}: {shown}")
     return 0
@@ -563,7 +609,8 @@ def cmd_evaluate(args):
     _apply_compute_args(args)
     net = ConvNet.load(args.path)
     args.dataset = args.dataset or "mnist-sample"
-    _, (x_test, y_test) = datasets.load(args.dataset, args.data_dir, raw=True)
+    _, (x_test, y_test) = datasets.load(args.dataset, args.data_dir, raw=True,
+                                        size=net.input_shape[1:])
     result = net.evaluate(x_test, y_test, batch_size=args.batch_size)
     print(f"{args.path} on {args.dataset} test ({len(x_test)} images, backend "
           f"{backend.get_backend()}): accuracy {result['accuracy']:.2%}, "

@@ -105,7 +105,7 @@ DATASETS["cifar-10"] = DatasetSpec(
     mirrors=("https://www.cs.toronto.edu/~kriz/",),
     extracted=tuple(f"{CIFAR_DIR}/{name}" for name in (*CIFAR_TRAIN, CIFAR_TEST)),
 )
-NAMES = ("mnist-sample", *DATASETS)
+NAMES = ("mnist-sample", *DATASETS, "folder")
 _DIGITS = tuple(str(d) for d in range(10))
 CLASS_NAMES = {
     "mnist-sample": _DIGITS,
@@ -117,8 +117,11 @@ CLASS_NAMES = {
 }
 
 
-def class_names(name):
-    """The names of a dataset's classes, in label order (``"fashion-mnist"``: T-shirt/top, ...)."""
+def class_names(name, data_dir=None):
+    """The names of a dataset's classes, in label order (``"fashion-mnist"``: T-shirt/top, ...;
+    ``"folder"``: the class folders of the picture tree ``data_dir``)."""
+    if name == "folder":
+        return folder_classes(_tree(data_dir))
     if name not in CLASS_NAMES:
         raise ValueError(f"unknown dataset {name!r}; expected one of {NAMES}")
     return CLASS_NAMES[name]
@@ -129,13 +132,19 @@ def data_home() -> Path:
     return Path(os.environ.get("FASTCNN_DATA") or Path.home() / ".cache" / "fastcnn")
 
 
-def load(name, data_dir=None, download=True, raw=False):
+def load(name, data_dir=None, download=True, raw=False, size=None):
     """Load a dataset by name: ``"mnist-sample"``, ``"mnist"``, ``"fashion-mnist"`` or
-    ``"cifar-10"``.
+    ``"cifar-10"``; or ``"folder"``: your picture tree at ``data_dir`` (see ``from_folder``,
+    which ``size`` is passed to).
 
     data_dir: the folder holding ``<name>/`` (default ``data_home()``); download: fetch what is
     missing; raw: keep images as uint8 0..255 instead of float32 0..1.
     """
+    if name == "folder":
+        train, test = from_folder(_tree(data_dir), size=size)
+        if not raw:
+            train, test = ((x.astype(np.float32) / np.float32(255), y) for x, y in (train, test))
+        return train, test
     if name == "mnist-sample":
         folder = SAMPLE_DIR
         files = {role: fname for role, (fname, *_) in _MNIST_FILES.items()}
@@ -339,3 +348,117 @@ def _cifar_records(data, where):
     if labels.max() > 9:
         raise ValueError(f"{where}: labels must be 0..9, found {labels.max()}")
     return records[:, 1:].reshape(-1, 3, 32, 32).copy(), labels
+
+
+# -- your own pictures: a train/ and a test/ folder, each with one folder per class ------------
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def _tree(data_dir):
+    if data_dir is None:
+        raise ValueError("the folder dataset is your picture tree: give its path as data_dir "
+                         "(--data-dir), holding train/<class>/ and test/<class>/")
+    return data_dir
+
+
+def folder_classes(path):
+    """The class names of a picture tree: the folders in ``path/train``, sorted."""
+    train = Path(path) / "train"
+    if not train.is_dir():
+        raise FileNotFoundError(f"{path} has no train/ folder: a picture tree is "
+                                f"train/<class>/*.png and test/<class>/*.png")
+    classes = sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise ValueError(f"{train} holds {len(classes)} class folder(s); a classifier needs at "
+                         f"least 2 (one folder of pictures per class)")
+    return tuple(classes)
+
+
+def from_folder(path, size=None, channels=None):
+    """Your pictures as a dataset: ``path/train/<class>/*`` and ``path/test/<class>/*`` (PNG,
+    JPEG, ...; needs Pillow), labels numbered by the sorted class names (``folder_classes``).
+    Returns ``((x_train, y_train), (x_test, y_test))``, uint8 images (N, C, H, W) as
+    ``load(..., raw=True)`` gives. size: (H, W) (or one int) to resize every picture to;
+    without it they must all have one size. channels: 1 (grey) or 3 (colour); by default 3 if
+    any training picture is in colour. Each picture is turned upright as its EXIF says,
+    transparency on white; an unreadable file, an empty class or a picture of another size is
+    an error naming it."""
+    from .predict import _read
+
+    classes = folder_classes(path)
+    if size is not None:
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        if len(size) != 2 or not all(isinstance(s, int) and s >= 1 for s in size):
+            raise ValueError(f"size must be (H, W) of positive ints or one int, got {size!r}")
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be 1, 3 or None, got {channels!r}")
+    splits = {}
+    for split in ("train", "test"):
+        folder = Path(path) / split
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{path} has no {split}/ folder")
+        found = sorted(p.name for p in folder.iterdir() if p.is_dir()
+                       and not p.name.startswith("."))
+        if split == "test" and set(found) - set(classes):
+            raise ValueError(f"{folder} has classes that train/ lacks: "
+                             f"{sorted(set(found) - set(classes))}")
+        files = []
+        for label, name in enumerate(classes):
+            pictures = sorted(p for p in (folder / name).glob("*")
+                              if p.suffix.lower() in PICTURE_SUFFIXES and p.is_file()) \
+                if (folder / name).is_dir() else []
+            if split == "train" and not pictures:
+                raise ValueError(f"{folder / name} holds no pictures "
+                                 f"({', '.join(PICTURE_SUFFIXES)})")
+            files += [(p, label) for p in pictures]
+        splits[split] = files
+    if channels is None:
+        channels = 3 if any(_is_colour(p) for p, _ in splits["train"]) else 1
+    first = None  # (path, shape) of the first picture: without size, all must have its shape
+    out = []
+    for split in ("train", "test"):
+        images = []
+        for p, _ in splits[split]:
+            a = _read(p, lambda im, where, c=channels: _decoded(im, c, size))
+            first = first or (p, a.shape)
+            if a.shape != first[1]:
+                raise ValueError(f"{p} is {a.shape[1]}x{a.shape[0]} pixels, {first[0]} "
+                                 f"{first[1][1]}x{first[1][0]}: give size=(H, W) "
+                                 f"(--image-size) to resize them all")
+            images.append(a)
+        x = (np.stack(images).transpose(0, 3, 1, 2) if images else
+             np.zeros((0, channels, *first[1][:2]), np.uint8))
+        out.append((np.ascontiguousarray(x),
+                    np.array([label for _, label in splits[split]], np.int64)))
+    return out[0], out[1]
+
+
+def _is_colour(path):
+    """Whether a picture has colour: not a grey mode, and not a palette of greys."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("1", "L", "LA", "I", "F") or im.mode.startswith("I;16"):
+                return False
+            if im.mode != "P":
+                return True
+            rgb = np.asarray(im.convert("RGB"))
+            return not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+    except OSError:
+        return False  # read (and named) below
+
+
+def _decoded(im, channels, size):
+    """A decoded picture as uint8 (H, W, channels), resized to size (H, W) if given."""
+    from PIL import Image
+
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    im = im.convert("RGB" if channels == 3 else "L")
+    if size is not None and im.size != (size[1], size[0]):
+        im = im.resize((size[1], size[0]), Image.BILINEAR)
+    a = np.asarray(im, dtype=np.uint8)
+    return a if a.ndim == 3 else a[:, :, None]

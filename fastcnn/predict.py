@@ -18,6 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+
+class AmbiguousBackground(UserWarning):
+    """A picture whose border is partly dark and partly light: which side is ink was a guess."""
+
+
 INK_STYLES = ("digit", "fashion", "none")  # to_model_input's: grey pictures of ink
 STYLES = (*INK_STYLES, "photo")
 # Pictures are refused before they are decoded when larger than this: a 24-megapixel camera's
@@ -157,6 +162,13 @@ def _ink(gray, invert):
     background = float(np.median(border))
     if invert == "auto":
         invert = background > 0.5
+        dark = float(np.mean(border < 0.5))
+        if 0.2 <= dark <= 0.8:  # a border of both: a desk's edge in the frame, a shadow
+            warnings.warn(AmbiguousBackground(
+                f"the picture's border is {dark:.0%} dark and {1 - dark:.0%} light: took it as "
+                f"{'dark ink on light paper' if invert else 'light ink on a dark background'}; "
+                f"crop the picture to the paper, or say which with --invert yes/no "
+                f"(invert=True/False)"), stacklevel=3)
     if invert:
         gray, background = 1 - gray, 1 - background
     peak = float(gray.max())
@@ -227,6 +239,20 @@ def top_classes(net, image, class_names=None, top=3, style="digit", invert="auto
     """The ``top`` most likely classes for one picture (a path, or a grey or colour array) as
     a list of (class index, class name, probability), most likely first. A model of 3-channel
     input takes the picture as a photo, whatever ``style`` says."""
+    return rank(net, model_input(net, image, style, invert), class_names, top)
+
+
+def rank(net, x, class_names=None, top=3):
+    """``top_classes`` of a prepared input ``x`` (C, H, W)."""
+    proba = net.predict_proba(x[None].astype(net.dtype))[0]
+    names = [str(i) for i in range(len(proba))] if class_names is None else list(class_names)
+    order = np.argsort(-proba, kind="stable")[: max(1, top)]
+    return [(int(k), names[k], float(proba[k])) for k in order]
+
+
+def model_input(net, image, style="digit", invert="auto"):
+    """One picture (a path, or an array) prepared as the model's input (C, H, W) float32 in
+    [0, 1]: what ``top_classes`` feeds the model (``fastcnn predict --show-input`` saves it)."""
     shape = tuple(net.input_shape) if net.input_shape is not None else (1, 28, 28)
     if shape[0] == 3:
         style = "photo"
@@ -246,7 +272,16 @@ def top_classes(net, image, class_names=None, top=3, style="digit", invert="auto
     if net.input_shape is not None and tuple(net.input_shape) != x.shape:
         raise ValueError(f"the model expects inputs of shape {tuple(net.input_shape)}, the "
                          f"prepared picture is {x.shape}")
-    proba = net.predict_proba(x[None].astype(net.dtype))[0]
-    names = [str(i) for i in range(len(proba))] if class_names is None else list(class_names)
-    order = np.argsort(-proba, kind="stable")[: max(1, top)]
-    return [(int(k), names[k], float(proba[k])) for k in order]
+    return x
+
+
+def save_input(x, path):
+    """A prepared input (C, H, W) in [0, 1] as a PNG (grey, or colour for 3 channels),
+    written atomically."""
+    from PIL import Image
+
+    from . import atomic
+
+    a = np.clip(np.asarray(x) * 255 + 0.5, 0, 255).astype(np.uint8)
+    im = Image.fromarray(a[0] if a.shape[0] == 1 else np.transpose(a, (1, 2, 0)))
+    atomic.atomic_write(path, lambda f: im.save(f, format="PNG"))

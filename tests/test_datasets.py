@@ -381,3 +381,90 @@ def test_fastcnn_train_on_cifar10_builds_a_colour_model(tmp_path, rng):
 
     net = ConvNet.load(tmp_path / "m.npz")
     assert net.input_shape == (3, 32, 32) and net.class_names[0] == "airplane"
+
+
+# -- your own picture tree ----------------------------------------------------------------------
+
+needs_pillow = pytest.mark.skipif(__import__("importlib").util.find_spec("PIL") is None,
+                                  reason="the image extra (Pillow) is not installed")
+
+
+def picture_tree(root, rng, classes=("cat", "dog", "eel"), per_class=(4, 2), size=(10, 12),
+                 colour=True):
+    from PIL import Image
+
+    for split, count in zip(("train", "test"), per_class, strict=True):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                a = rng.integers(0, 256, (*size, 3) if colour else size, dtype=np.uint8)
+                Image.fromarray(a).save(root / split / c / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+@needs_pillow
+def test_a_picture_tree_is_a_dataset(tmp_path, rng):
+    root = picture_tree(tmp_path / "pets", rng)
+    (tmp_path / "pets" / "train" / "cat" / "notes.txt").write_text("not a picture")  # ignored
+    (x, y), (xt, yt) = datasets.from_folder(root)
+    assert x.shape == (12, 3, 10, 12) and x.dtype == np.uint8 and xt.shape == (6, 3, 10, 12)
+    assert y.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and yt.tolist() == [0, 0, 1, 1, 2, 2]
+    from PIL import Image
+
+    png = np.asarray(Image.open(root / "train" / "cat" / "1.png"))
+    np.testing.assert_array_equal(x[1].transpose(1, 2, 0), png)  # lossless, as stored
+    assert datasets.class_names("folder", root) == ("cat", "dog", "eel")
+    (g, _), _ = datasets.from_folder(root, size=(6, 6), channels=1)
+    assert g.shape == (12, 1, 6, 6)
+    grey = picture_tree(tmp_path / "grey", rng, colour=False)
+    assert datasets.from_folder(grey)[0][0].shape[1] == 1  # grey pictures: one channel
+    (f, _), _ = datasets.load("folder", grey)
+    assert f.dtype == np.float32 and f.max() <= 1
+
+
+@needs_pillow
+def test_a_bad_picture_tree_is_named(tmp_path, rng):
+    from PIL import Image
+
+    root = picture_tree(tmp_path / "a", rng)
+    Image.fromarray(np.zeros((7, 7, 3), np.uint8)).save(root / "train" / "dog" / "odd.png")
+    with pytest.raises(ValueError, match=r"odd.png is 7x7 pixels.*give size"):
+        datasets.from_folder(root)
+    assert datasets.from_folder(root, size=8)[0][0].shape == (13, 3, 8, 8)
+    (root / "train" / "dog" / "odd.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(ValueError, match=r"odd.png"):
+        datasets.from_folder(root, size=8)
+    root = picture_tree(tmp_path / "b", rng)
+    (root / "train" / "fox").mkdir()
+    with pytest.raises(ValueError, match=r"fox holds no pictures"):
+        datasets.from_folder(root)
+    root = picture_tree(tmp_path / "c", rng, classes=("one",))
+    with pytest.raises(ValueError, match="at least 2"):
+        datasets.from_folder(root)
+    with pytest.raises(FileNotFoundError, match="no train/ folder"):
+        datasets.from_folder(tmp_path / "nothing")
+    root = picture_tree(tmp_path / "d", rng)
+    (root / "test" / "owl").mkdir()
+    with pytest.raises(ValueError, match=r"classes that train/ lacks: \['owl'\]"):
+        datasets.from_folder(root)
+    with pytest.raises(ValueError, match="give its path as data_dir"):
+        datasets.load("folder")
+
+
+@needs_pillow
+def test_fastcnn_train_on_a_picture_tree(tmp_path, rng):
+    root = picture_tree(tmp_path / "pets", rng, per_class=(10, 3), size=(12, 12))
+    from PIL import Image
+
+    Image.fromarray(rng.integers(0, 256, (20, 16, 3), dtype=np.uint8)).save(
+        root / "train" / "eel" / "big.png")
+    run = subprocess.run([sys.executable, "-m", "fastcnn.cli", "train", "--dataset", "folder",
+                          "--data-dir", str(root), "--image-size", "12", "--epochs", "1",
+                          "--save", str(tmp_path / "m.npz")], capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "folder: 28 training, 3 validation, 9 test images" in run.stdout
+    from fastcnn import ConvNet
+
+    net = ConvNet.load(tmp_path / "m.npz")
+    assert net.input_shape == (3, 12, 12) and net.class_names == ("cat", "dog", "eel")

@@ -305,3 +305,29 @@ def test_fastcnn_predict_on_a_colour_model_reads_the_photo_in_colour(tmp_path, r
     assert run.returncode == 0, run.stderr
     lines = run.stdout.strip().splitlines()
     assert lines[0].startswith("r.png: red ") and lines[1].startswith("b.jpg: blue ")
+
+
+@needs_pillow
+def test_show_input_writes_what_the_model_received_and_an_unsure_background_says_so(
+        model_and_photos, tmp_path):
+    from PIL import Image
+
+    folder, net, photos, _, _ = model_and_photos
+    # a drawn digit on paper, with a dark desk edge taking the left third of the frame
+    photo = np.asarray(Image.open(photos[1]), dtype=np.float32) / 255
+    photo[:, : photo.shape[1] // 3] = 0.05
+    Image.fromarray((photo * 255).astype(np.uint8)).save(tmp_path / "desk.png")
+    run = subprocess.run([sys.executable, "-m", "fastcnn.cli", "predict", str(folder / "m.npz"),
+                          str(photos[1]), str(tmp_path / "desk.png"), "--show-input",
+                          str(tmp_path / "seen")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    shown = np.asarray(Image.open(tmp_path / "seen" / f"{photos[1].name}.input.png"))
+    assert shown.shape == (28, 28) and shown.dtype == np.uint8
+    want = predict.model_input(net, photos[1])[0]
+    np.testing.assert_allclose(shown / 255, want, atol=0.5 / 255 + 1e-6)
+    assert (tmp_path / "seen" / "desk.png.input.png").is_file()
+    assert "desk.png: note: the picture's border is" in run.stderr
+    assert "--invert yes/no" in run.stderr
+    assert f"{photos[1].name}: note" not in run.stderr  # a clear background: no note
+    with pytest.warns(predict.AmbiguousBackground):
+        predict.model_input(net, tmp_path / "desk.png")
