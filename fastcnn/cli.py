@@ -324,8 +324,10 @@ def cmd_train(args):
               f"global batch {dp.size} x {args.batch_size} = {dp.size * args.batch_size}",
               flush=True)
     if resumed is None and (args.recipe != "seed" or args.optimizer != "sgd" or schedule):
+        extras = "".join([f", augment {args.augment}" if args.augment not in (None, "none")
+                          else "", ", per-channel normalisation" if args.normalize else ""])
         print(f"recipe: {opt!r}, schedule {schedule!r}, batch {args.batch_size}, "
-              f"{args.epochs} epochs", flush=True)
+              f"{args.epochs} epochs{extras}", flush=True)
     run = {key: getattr(args, key) for key in _RUN_KEYS}
     run["image_size"] = args.image_size
     start = time.perf_counter()
@@ -410,7 +412,8 @@ def _test_and_save(args, net, record, run, test, trained, processes):
 
     x_test, y_test = test
     result = net.evaluate(x_test, y_test)
-    config = {**run, **{k: getattr(args, k, None) for k in ("recipe", *_RECIPE_FLAGS)},
+    config = {**run, **{k: getattr(args, k, None) for k in ("recipe", *_RECIPE_FLAGS,
+                                                            "augment", "normalize")},
               "backend": backend.get_backend(), "resumed_from": args.resume,
               "test_accuracy": result["accuracy"], "test_loss": result["loss"],
               "test_images": len(x_test), "processes": processes}

@@ -133,11 +133,13 @@ RECIPES = {
     "modern": {"model": "modern", "optimizer": "adamw", "lr": 2e-3, "momentum": 0.0,
                "weight_decay": 1e-4, "batch_size": 64, "epochs": 5, "schedule": "cosine",
                "warmup_fraction": 0.03},
-    # the small ResNet: SGD with momentum 0.9, weight decay 5e-4, batch 128, a
-    # short warm-up and a cosine decay (the usual recipe for CIFAR-size ResNets)
+    # the small ResNet: SGD with momentum 0.9, weight decay 5e-4, batch 128, a short warm-up
+    # and a cosine decay, moves of up to 2 pixels and mirror images (the usual recipe for
+    # CIFAR-size ResNets; without the augmentation it fitted Fashion-MNIST's training images to
+    # 99.8% and its test images to 93.25%)
     "resnet": {"model": "resnet", "optimizer": "sgd", "lr": 0.1, "momentum": 0.9,
                "weight_decay": 5e-4, "batch_size": 128, "epochs": 15, "schedule": "cosine",
-               "warmup_fraction": 0.02, "normalize": True},
+               "warmup_fraction": 0.02, "normalize": True, "augment": "crop=2,flip"},
 }
 
 
