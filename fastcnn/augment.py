@@ -9,6 +9,7 @@ exactly. Flips suit photos and clothes, not digits (a mirrored 2 is no 2): off u
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 DEFAULT_CROP = 4  # pixels of translation each way for "crop" (CIFAR's usual 4 of 32)
@@ -83,13 +84,22 @@ class Augment:
         dy = rng.integers(-k, k + 1, n) if k else np.zeros(n, np.int64)
         dx = rng.integers(-k, k + 1, n) if k else np.zeros(n, np.int64)
         mirror = rng.random(n) < 0.5 if self.flip else np.zeros(n, bool)
-        padded = np.zeros((n, c, h + 2 * k, w + 2 * k), batch.dtype) if k else batch
-        if k:
-            padded[:, :, k : k + h, k : k + w] = batch
-        # out[i, :, r, s] = padded[i, :, r + k + dy_i, s' + k + dx_i], s' = s or w - 1 - s
-        rows = (np.arange(h)[None, :] + (k + dy)[:, None])[:, None, :, None]
-        cols = np.where(mirror[:, None], np.arange(w)[::-1][None, :], np.arange(w)[None, :])
-        cols = (cols + (k + dx)[:, None])[:, None, None, :]
-        out[...] = padded[np.arange(n)[:, None, None, None], np.arange(c)[None, :, None, None],
-                          rows, cols]
+        _move(batch, dy.astype(np.int64), dx.astype(np.int64), mirror, out)
         return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _move(batch, dy, dx, mirror, out):
+    """out[i, :, r, s] = batch[i, :, r + dy[i], s' + dx[i]] where that lies in the image, else 0
+    (the zero padding a move uncovers); s' = w - 1 - s for a mirrored image, s otherwise.
+    Compiled (and without the GIL, so that it runs beside the training step's kernels): a
+    batch's copies in NumPy cost a tenth of a small model's step."""
+    n, c, h, w = batch.shape
+    for i in range(n):
+        for ch in range(c):
+            for r in range(h):
+                source = r + dy[i]
+                for s in range(w):
+                    col = (w - 1 - s if mirror[i] else s) + dx[i]
+                    inside = 0 <= source < h and 0 <= col < w
+                    out[i, ch, r, s] = batch[i, ch, source, col] if inside else 0

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -202,6 +203,46 @@ class _Interrupts:
         return False
 
 
+class _BatchMaker:
+    """Each step's images, scaled, normalised and augmented, made one step ahead on a thread of
+    their own, so that NumPy's copies overlap the step's kernels (which release the GIL)
+    instead of adding to the step. Two buffers take turns: a step reads one while the next
+    batch is written to the other. What a batch holds depends only on (epoch, batch, rank), so
+    making it early or late gives the same bits."""
+
+    def __init__(self, trainer, largest):
+        self.trainer = trainer
+        shape, dtype = (largest,) + trainer.x.shape[1:], trainer.net.dtype
+        self.buffers = [np.empty(shape, dtype) for _ in range(2)]
+        self.augmented = [np.empty(shape, dtype) for _ in range(2)] if trainer.augment else None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="fastcnn-batches")
+        self.ahead = None  # (epoch, batch, future) of the batch being made
+
+    def make(self, epoch, b, idx):
+        t, slot = self.trainer, b % 2
+        xb = t.net.prepare_batch(t.x, idx, self.buffers[slot])
+        if t.augment:
+            rng = np.random.default_rng([t.augment_key, epoch, b, t.dp.rank])
+            xb = t.augment.apply(xb, rng, self.augmented[slot])
+        return xb
+
+    def get(self, epoch, b, idx, next_idx=None):
+        """Batch ``b``'s images (made ahead if they were); starts making batch b + 1's."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead[:2] == (epoch, b):
+            xb = ahead[2].result()
+        else:
+            if ahead is not None:  # one writer at a time: let a batch not taken finish first
+                ahead[2].result()
+            xb = self.make(epoch, b, idx)
+        if next_idx is not None:
+            self.ahead = (epoch, b + 1, self.pool.submit(self.make, epoch, b + 1, next_idx))
+        return xb
+
+    def close(self):
+        self.pool.shutdown(wait=True)
+
+
 class Trainer:
     """One ``fit`` call's state; everything a checkpoint must hold to resume exactly."""
 
@@ -244,8 +285,7 @@ class Trainer:
         self.tuner = threads.tuner_for(key, enabled=numba and dp.size == 1)
         self.compile_step = self.steps if numba and verbose else None  # this run's first
         largest = -(-int(np.diff(self.starts).max()) // dp.size)  # array_split's first shard
-        buf = np.empty((largest,) + self.x.shape[1:], net.dtype)
-        self.augmented = np.empty_like(buf) if self.augment else None
+        batches = _BatchMaker(self, largest)
         if self.folded and verbose:
             many = "s" if self.folded > 1 else ""
             print(f"note: the last {self.folded} image{many} of an epoch would make a batch too "
@@ -257,8 +297,9 @@ class Trainer:
         try:
             with _Interrupts(checkpoint is not None) as interrupts, self.tuner:
                 while self.epoch < self.epochs and not self.stopped_early:
-                    self._epoch(interrupts, buf, verbose, checkpoint)
+                    self._epoch(interrupts, batches, verbose, checkpoint)
         finally:
+            batches.close()
             net.gradient_hook = hook
         if self.best is not None and self.best["epoch"] != self.epoch:
             for name, a in _named_arrays(net):
@@ -270,7 +311,7 @@ class Trainer:
             history["stopped_epoch"] = self.epoch if self.stopped_early else None
         return history
 
-    def _epoch(self, interrupts, buf, verbose, checkpoint):
+    def _epoch(self, interrupts, batches, verbose, checkpoint):
         """The rest of the epoch under way (all of a new one), then its end: validation, early
         stopping, the epoch line, the checkpoint (rank 0 writes it)."""
         n, dp, starts = len(self.x), self.dp, self.starts
@@ -291,7 +332,8 @@ class Trainer:
                     self.partial["seconds"] += time.perf_counter() - start
                     self._interrupted(checkpoint if dp.is_root else None)
                 every = self.order[starts[b] : starts[b + 1]]
-                stop = self._step(b, every, buf, interrupts)
+                after = self.order[starts[b + 1] : starts[b + 2]] if b + 2 < len(starts) else None
+                stop = self._step(b, every, batches, interrupts, after)
                 bar.update(len(every))
                 if b % 20 == 0:
                     p = self.partial
@@ -303,16 +345,14 @@ class Trainer:
         if checkpoint is not None and dp.is_root:
             self.save(checkpoint)
 
-    def _step(self, b, every, buf, interrupts):
+    def _step(self, b, every, batches, interrupts, after=None):
         """Global batch ``b`` (indices ``every``): this process's shard of it through one
         training step, then the whole batch's loss and accuracy, and whether any process has
-        been interrupted by now (returned), agreed in one collective."""
+        been interrupted by now (returned), agreed in one collective. ``after``: the next
+        batch's indices, whose images are made while this step runs."""
         net, dp, p = self.net, self.dp, self.partial
         idx = dp.shard(every)
-        xb = net.prepare_batch(self.x, idx, buf)
-        if self.augment:
-            rng = np.random.default_rng([self.augment_key, self.epoch, b, dp.rank])
-            xb = self.augment.apply(xb, rng, self.augmented)
+        xb = batches.get(self.epoch, b, idx, None if after is None else dp.shard(after))
         yb = self.y[idx]
         if self.schedule is not None:
             at = self.epoch if self.schedule.per == "epoch" else self.steps

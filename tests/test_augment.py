@@ -57,6 +57,49 @@ def test_flips_mirror_about_half_the_images(rng):
     assert 70 < sum(mirrored) < 130
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_crop_and_flip_together_are_a_crop_of_the_padded_mirror_image(rng, dtype):
+    # the formula written with padding, unlike the kernel: pad, mirror, then take a window
+    x = rng.random((40, 3, 5, 8)).astype(dtype) + 1
+    out = Augment(crop=3, flip=True).apply(x, np.random.default_rng(2))
+    assert out.dtype == dtype
+    padded = np.pad(x, ((0, 0), (0, 0), (3, 3), (3, 3)))
+    kinds = set()
+    for i in range(len(x)):
+        windows = {(dy, dx, m): (padded[i, :, :, ::-1] if m else padded[i])[
+            :, 3 + dy : 3 + dy + 5, 3 + dx : 3 + dx + 8]
+            for dy in range(-3, 4) for dx in range(-3, 4) for m in (False, True)}
+        found = [key for key, w in windows.items() if np.array_equal(out[i], w)]
+        assert found, i
+        kinds.add(found[0][2])
+    assert kinds == {False, True}
+
+
+def test_batches_made_ahead_on_the_thread_equal_those_made_in_turn(rng):
+    from fastcnn.training import _BatchMaker
+
+    class Run:  # what the batch maker reads of a Trainer
+        x = (rng.random((30, 1, 6, 6)) * 255).astype(np.uint8)
+        net = ConvNet([Flatten(), Dense(36, 2)], input_shape=(1, 6, 6))
+        augment, augment_key = Augment(2, True), 12345
+        dp = type("Rank", (), {"rank": 0})()
+
+    order = rng.permutation(30)
+    ahead, inline = _BatchMaker(Run, 10), _BatchMaker(Run, 10)
+    try:
+        for b in range(3):
+            idx = order[10 * b : 10 * b + 10]
+            nxt = order[10 * b + 10 : 10 * b + 20] if b < 2 else None
+            want = inline.get(1, b, idx).copy()
+            np.testing.assert_array_equal(ahead.get(1, b, idx, nxt), want)
+            assert not np.array_equal(want, Run.net.prepare_batch(Run.x, idx))  # augmented
+        # a batch asked for out of turn (a resumed epoch) is made then, the same
+        np.testing.assert_array_equal(ahead.get(1, 0, order[:10]), inline.get(1, 0, order[:10]))
+    finally:
+        ahead.close()
+        inline.close()
+
+
 def test_a_crop_as_large_as_the_image_is_refused(rng):
     net = ConvNet([Flatten(), Dense(16, 2, rng=rng)], input_shape=(1, 4, 4))
     with pytest.raises(ValueError, match="crop=4 moves 4x4 images by their whole size"):
