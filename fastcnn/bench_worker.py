@@ -58,38 +58,69 @@ class FastcnnEngine:
         return self.tuners[what].most_used()
 
 
-def torch_model(name):
-    """The fastcnn model ``name`` built in PyTorch, layer for layer."""
+def torch_model(name, input_shape=(1, 28, 28), classes=10):
+    """The fastcnn model ``name`` built in PyTorch, layer for layer (its own initial weights:
+    ``copy_weights`` gives it fastcnn's)."""
+    from . import models
+
+    return torch_twin(models.build(name, input_shape=input_shape, classes=classes))
+
+
+def torch_twin(net_or_layer):
+    """A PyTorch module with the architecture of a fastcnn ``ConvNet`` or layer, containers
+    included (a ``Residual`` becomes a module computing block(x) + shortcut(x)). Its modules
+    with parameters come in the order of ``ConvNet.walk()``, as ``copy_weights`` expects."""
     from torch import nn
 
-    if name == "simple":
-        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                             nn.Flatten(), nn.Linear(8 * 14 * 14, 10))
-    if name == "complex":
-        return nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
-    if name == "modern":
-        def block(c_in, c_out):
-            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+    from . import layers as L
 
-        return nn.Sequential(
-            *block(1, 32), *block(32, 32), nn.MaxPool2d(2),
-            *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Dropout(0.3),
-            nn.Linear(128, 10))
-    raise ValueError(f"Unknown model {name!r}")
+    class Residual(nn.Module):
+        def __init__(self, block, shortcut):
+            super().__init__()
+            self.block, self.shortcut = block, shortcut
+
+        def forward(self, x):
+            return self.block(x) + (x if self.shortcut is None else self.shortcut(x))
+
+    def twin(layer):
+        kind = type(layer)
+        if kind is L.Conv2D:
+            return nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                             layer.stride, layer.padding)
+        if kind in (L.BatchNorm2D, L.BatchNorm1D):
+            norm = nn.BatchNorm2d if kind is L.BatchNorm2D else nn.BatchNorm1d
+            return norm(layer.channels, eps=layer.eps, momentum=layer.momentum)
+        if kind is L.Dense:
+            return nn.Linear(layer.in_features, layer.out_features)
+        if kind in (L.MaxPool2D, L.AvgPool2D):
+            pool = nn.MaxPool2d if kind is L.MaxPool2D else nn.AvgPool2d
+            return pool(layer.pool_size, layer.stride)
+        if kind is L.GlobalAvgPool2D:
+            return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        simple = {L.ReLU: nn.ReLU, L.Flatten: nn.Flatten}
+        if kind in simple:
+            return simple[kind]()
+        if kind is L.Dropout:
+            return nn.Dropout(layer.p)
+        if kind is L.Sequential:
+            return nn.Sequential(*map(twin, layer.layers))
+        if kind is L.Residual:
+            return Residual(twin(layer.block),
+                            None if layer.shortcut is None else twin(layer.shortcut))
+        raise ValueError(f"no PyTorch twin for fastcnn layer {kind.__name__}")
+
+    layers = getattr(net_or_layer, "layers", None)
+    if layers is not None and not isinstance(net_or_layer, L.Layer):  # a ConvNet
+        return nn.Sequential(*map(twin, layers))
+    return twin(net_or_layer)
 
 
 def copy_weights(net, tnet):
-    """fastcnn's parameters and buffers into the PyTorch twin from ``torch_model``, layer for
-    layer, so that both start from the same initial weights."""
+    """fastcnn's parameters and buffers into a PyTorch twin (``torch_model``, ``torch_twin``),
+    layer for layer in the order of ``net.walk()``, so that both start from the same weights."""
     import torch
 
-    ours = [layer for layer in net.layers if layer.params]
+    ours = [layer for _, layer in net.walk() if layer.params and not layer.children()]
     theirs = [m for m in tnet.modules() if any(True for _ in m.parameters(recurse=False))]
     if len(ours) != len(theirs):
         raise ValueError(f"{len(ours)} fastcnn layers with parameters, {len(theirs)} in torch")

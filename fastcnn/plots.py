@@ -163,13 +163,42 @@ def _show_image(ax, image, cmap="gray"):
         ax.imshow(image.reshape(image.shape[-2:]) if image.ndim == 2 else image[0], cmap=cmap)
 
 
-def _conv_layers(net):
+def _holds_conv(layer):
     from .layers import Conv2D
 
-    convs = [(i, layer) for i, layer in enumerate(net.layers) if isinstance(layer, Conv2D)]
+    return isinstance(layer, Conv2D) or any(_holds_conv(c) for _, c in layer.children())
+
+
+def _conv_layers(net):
+    """(path, layer) of every Conv2D, those inside containers too, in the order they run."""
+    from .layers import Conv2D
+
+    convs = [(p, layer) for p, layer in net.walk() if isinstance(layer, Conv2D)]
     if not convs:
         raise ValueError("the model has no convolution layer")
     return convs
+
+
+def feature_rows(net, x):
+    """The feature maps that ``feature_maps`` draws, for a prepared batch ``x`` of one image:
+    [(first, last, output (C, H, W))], one after each top-level layer ``first`` that is
+    or holds a convolution (a residual block), taken after the BatchNorm and ReLU layers that
+    follow it (``last`` is the index of the layer whose output it is)."""
+    from .layers import ReLU, _BatchNorm
+
+    _conv_layers(net)  # a model without convolutions is an error
+    rows, layers, i = [], net.layers, 0
+    with net.mode(False):
+        while i < len(layers) and len(x.shape) == 4:
+            x = layers[i].forward(x)
+            if _holds_conv(layers[i]):
+                first = i
+                while i + 1 < len(layers) and isinstance(layers[i + 1], (ReLU, _BatchNorm)):
+                    i += 1
+                    x = layers[i].forward(x)
+                rows.append((first, i, x[0]))
+            i += 1
+    return rows
 
 
 def conv_filters(net, path=None):
@@ -203,27 +232,15 @@ def conv_filters(net, path=None):
 
 def feature_maps(net, image, path=None, per_layer=8, label=None):
     """One image (C, H, W) or (H, W), uint8 or float, through the network: the input, then the
-    first ``per_layer`` channels after each convolution's ReLU, one row per convolution."""
-    from .layers import ReLU
-
+    first ``per_layer`` channels after each convolution (or residual block) and the BatchNorm
+    and ReLU after it, one row each (``feature_rows``)."""
     x = np.asarray(image)
     if x.ndim == 2:
         x = x[None]
     x = x[None]
     net.check_images(x)
     x = net.prepare_batch(x, [0])  # scaled and normalised as the model was trained
-    convs = _conv_layers(net)
-    outputs = []
-    with net.mode(False):
-        for i, layer in enumerate(net.layers):
-            x = layer.forward(x)
-            after_conv = i in dict(convs) and not (
-                i + 1 < len(net.layers) and isinstance(net.layers[i + 1], ReLU))
-            after_relu = isinstance(layer, ReLU) and i - 1 in dict(convs)
-            if after_conv or after_relu:
-                outputs.append((i - 1 if after_relu else i, x[0]))
-            if len(outputs) == len(convs):
-                break
+    outputs = feature_rows(net, x)
     rows = 1 + len(outputs)
     fig = _figure(1.3 * per_layer + 1.5, 1.45 * rows + 0.5)
     axes = fig.subplots(rows, per_layer, squeeze=False)
@@ -231,15 +248,18 @@ def feature_maps(net, image, path=None, per_layer=8, label=None):
         ax.set_axis_off()
     _show_image(axes[0, 0], image)
     axes[0, 0].set_title("input" + (f" ({label})" if label is not None else ""), fontsize=9)
-    for r, (i, maps) in enumerate(outputs, start=1):
+    for r, (first, last, maps) in enumerate(outputs, start=1):
         for ch in range(min(per_layer, maps.shape[0])):
             ax = axes[r, ch]
             ax.imshow(maps[ch], cmap="viridis")
-            ax.set_title(f"conv {r}, ch {ch}" if ch == 0 else f"ch {ch}", fontsize=8)
-        axes[r, 0].text(-0.15, 0.5, f"layer {i}\n{maps.shape[0]} maps\n"
+            ax.set_title(f"row {r}, ch {ch}" if ch == 0 else f"ch {ch}", fontsize=8)
+        where = f"layer {first}" if first == last else f"layers {first}-{last}"
+        axes[r, 0].text(-0.15, 0.5, f"{where}\n{type(net.layers[first]).__name__}\n"
+                        f"{maps.shape[0]} maps\n"
                         f"{maps.shape[1]}x{maps.shape[2]}", transform=axes[r, 0].transAxes,
                         ha="right", va="center", fontsize=8)
-    fig.suptitle("Feature maps after each convolution and its ReLU (bright = strong)")
+    fig.suptitle("Feature maps after each convolution or residual block, its BatchNorm and "
+                 "ReLU (bright = strong)")
     return _finish(fig, path)
 
 

@@ -71,7 +71,7 @@ def test_bench_rejects_bad_options():
     assert run.returncode == 2 and "argument --seconds: must be a positive" in run.stderr
 
 
-@pytest.mark.parametrize("model", ["simple", "complex", "modern"])
+@pytest.mark.parametrize("model", ["simple", "complex", "modern", "resnet"])
 def test_torch_model_is_the_same_network_and_step(model, rng):
     """Oracle: with fastcnn's weights copied into the PyTorch model, one AdamW step on the same
     batch gives the same loss and the same new weights and running statistics -- the benchmarks

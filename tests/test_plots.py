@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("matplotlib", reason="the plot extra (matplotlib) is not installed")
 
-from fastcnn import datasets, history, models, plots  # noqa: E402
+from fastcnn import ConvNet, Dense, Flatten, datasets, history, models, plots  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -187,3 +187,29 @@ def test_pictures_of_a_colour_residual_model(tmp_path, rng):
     assert shown.shape == (32, 32, 3)  # in colour
     np.testing.assert_allclose(shown, np.transpose(x[0], (1, 2, 0)) / 255)
     plt.close(fig)
+
+
+def test_feature_maps_show_each_convolution_and_residual_block():
+    """One row per top-level layer that is or holds a convolution, after the BatchNorm and
+    ReLU that follow it: the stem and the six blocks of the ResNet, the two convolutions of
+    the seed's complex model; each row is the model's own output there."""
+    from fastcnn import layers as L
+
+    net = models.build("resnet", input_shape=(3, 12, 12), seed=3)
+    x = np.random.default_rng(0).random((1, 3, 12, 12)).astype(np.float32)
+    rows = plots.feature_rows(net, x)
+    residuals = [i for i, layer in enumerate(net.layers) if isinstance(layer, L.Residual)]
+    assert [first for first, _, _ in rows] == [0, *residuals]
+    assert [last for _, last, _ in rows] == [2, *(i + 1 for i in residuals)]  # the ReLU after
+    net.eval()
+    y = x
+    for layer in net.layers[: rows[3][1] + 1]:
+        y = layer.forward(y)
+    np.testing.assert_array_equal(rows[3][2], y[0])
+    assert rows[-1][2].shape == (64, 3, 3)
+    complex_rows = plots.feature_rows(models.build("complex"), np.zeros((1, 1, 28, 28),
+                                                                         np.float32))
+    assert [(a, b) for a, b, _ in complex_rows] == [(0, 1), (2, 3), (5, 6), (7, 8)]
+    with pytest.raises(ValueError, match="no convolution"):
+        plots.feature_rows(ConvNet([Flatten(), Dense(4, 2)], input_shape=(1, 2, 2)),
+                           np.zeros((1, 1, 2, 2)))
