@@ -1,12 +1,16 @@
-"""Time to accuracy: the modern recipe on the full Fashion-MNIST, fastcnn against PyTorch.
+"""Time to accuracy: a recipe on the full Fashion-MNIST, fastcnn against PyTorch.
 
-    python bench/time_to_accuracy.py                       # 5 epochs, 2 threads each
+    python bench/time_to_accuracy.py                       # modern recipe, 5 epochs, 2 threads
     python bench/time_to_accuracy.py --epochs 3 --json docs/time_to_accuracy.json
+    python bench/time_to_accuracy.py --recipe resnet       # the ResNet's, its 15 epochs
 
-Both engines train the same architecture (models.modern_cnn and its PyTorch twin) from the same
+Both engines train the same architecture (the recipe's model and its PyTorch twin) from the same
 initial weights, on the same batches in the same order (one seeded permutation per epoch), with
-the same optimizer (AdamW), learning-rate schedule (linear warm-up over 3% of the batches, then a
-cosine decay per batch), batch size, epochs and thread count. Each runs in a process of its own
+the same optimizer (the recipe's: AdamW, or SGD with momentum), learning-rate schedule (linear
+warm-up, then a cosine decay per batch), batch size, epochs and thread count; where the recipe
+normalises and augments, both get the same per-channel statistics (from the training images) and
+the same moved and mirrored images (fastcnn's Augment, drawn per batch from one seed, made by
+the same NumPy code for both). Each runs in a process of its own
 and they alternate epoch by epoch, so that a shared machine's drift hits both alike. After every
 epoch each engine's model is evaluated on the 10,000 test images (not counted as training time).
 The table gives the training seconds at the end of the first epoch whose test accuracy reaches
@@ -25,79 +29,102 @@ import time
 
 import numpy as np
 
-TARGETS = (0.91, 0.92, 0.925)
+TARGETS = {"modern": (0.91, 0.92, 0.925), "resnet": (0.92, 0.93, 0.935, 0.94)}
 
 
-def recipe_objects(engine, net_or_params, batches, epochs):
-    """(optimizer, factor(t)) of the modern recipe for one engine."""
+def recipe_objects(engine, net_or_params, batches, epochs, recipe="modern"):
+    """(optimizer, factor(t)) of the recipe for one engine."""
     from fastcnn import models, optim
 
-    r = models.RECIPES["modern"]
+    r = models.RECIPES[recipe]
     total = batches * epochs
     warmup = int(round(r["warmup_fraction"] * total))
-    schedule = optim.WarmupThen(warmup, optim.Cosine(total - warmup, per="batch"))
+    schedule = optim.Cosine(total - warmup, per="batch")
+    if warmup:
+        schedule = optim.WarmupThen(warmup, schedule)
+    sgd = r["optimizer"] == "sgd"
     if engine == "fastcnn":
+        if sgd:
+            return optim.SGD(r["lr"], momentum=r["momentum"],
+                             weight_decay=r["weight_decay"]), schedule
         return optim.AdamW(r["lr"], weight_decay=r["weight_decay"]), schedule
     import torch
 
+    if sgd:
+        return torch.optim.SGD(net_or_params, lr=r["lr"], momentum=r["momentum"],
+                               weight_decay=r["weight_decay"]), schedule
     return torch.optim.AdamW(net_or_params, lr=r["lr"], weight_decay=r["weight_decay"]), schedule
 
 
-def worker(engine, epochs, threads, seed):
+def worker(engine, epochs, threads, seed, recipe="modern", dataset="fashion-mnist", limit=None):
     from fastcnn import datasets, memory, models
+    from fastcnn.augment import Augment
     from fastcnn.bench_worker import copy_weights, torch_model
 
-    (x, y), (xt, yt) = datasets.load("fashion-mnist", raw=True)
-    batch = models.RECIPES["modern"]["batch_size"]
+    r = models.RECIPES[recipe]
+    (x, y), (xt, yt) = datasets.load(dataset, raw=True)
+    x, y, xt, yt = x[:limit], y[:limit], xt[:limit], yt[:limit]
+    batch = r["batch_size"]
     batches = -(-len(x) // batch)
-    net = models.build("modern", seed=seed)
+    augment = Augment.parse(r.get("augment"))
+    augment_key = int(np.random.SeedSequence(seed).generate_state(1)[0])
+    net = models.build(r["model"], seed=seed)
+    if r.get("normalize"):
+        net.set_normalization(x=x)  # the same statistics for both engines
+    buf = np.empty((batch, 1, 28, 28), np.float32)
     if engine == "fastcnn":
         import fastcnn
 
         memory.retain_freed_memory()
         fastcnn.set_num_threads(threads)
-        opt, schedule = recipe_objects(engine, None, batches, epochs)
-        buf = np.empty((batch, 1, 28, 28), np.float32)
+        opt, schedule = recipe_objects(engine, None, batches, epochs, recipe)
+        normalization = net.normalization
         net.train_step(net.prepare_batch(x, np.arange(batch), buf), y[:batch], fastcnn.SGD(1e-12))
-        net = models.build("modern", seed=seed)  # compiled now; start again from seed's weights
+        net = models.build(r["model"], seed=seed)  # compiled now; start again from the seed's
+        net.normalization = normalization
     else:
         import torch
 
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
-        tnet = torch_model("modern")
+        tnet = torch_model(r["model"])
         copy_weights(net, tnet)
-        opt, schedule = recipe_objects(engine, tnet.parameters(), batches, epochs)
+        opt, schedule = recipe_objects(engine, tnet.parameters(), batches, epochs, recipe)
         loss_fn = torch.nn.CrossEntropyLoss()
-        xf = torch.from_numpy(x.astype(np.float32) / np.float32(255))
-        xtf = torch.from_numpy(xt.astype(np.float32) / np.float32(255))
+        xtf = torch.from_numpy(net.prepare_batch(xt, np.arange(len(xt))))
         yy = torch.from_numpy(y)
     rng = np.random.default_rng(seed)
     step = 0
+    epoch = 0
     print(json.dumps({"ready": True}), flush=True)
     for _ in sys.stdin:
         order = rng.permutation(len(x))
         start = time.perf_counter()
         if engine == "fastcnn":
             net.train()
-            for s in range(0, len(x), batch):
-                idx = order[s : s + batch]
-                opt.lr = opt.base_lr * schedule.factor(step)
-                net.train_step(net.prepare_batch(x, idx, buf), y[idx], opt)
-                step += 1
-            seconds = time.perf_counter() - start
-            acc = net.evaluate(xt, yt, batch_size=256)["accuracy"]
         else:
             tnet.train()
-            for s in range(0, len(x), batch):
-                idx = torch.from_numpy(order[s : s + batch])
+        for b, s in enumerate(range(0, len(x), batch)):
+            idx = order[s : s + batch]
+            # the same images for both: fastcnn's preparation (scale, normalise) and moves
+            xb = net.prepare_batch(x, idx, buf)
+            if augment:
+                xb = augment.apply(xb, np.random.default_rng([augment_key, epoch, b]))
+            if engine == "fastcnn":
+                opt.lr = opt.base_lr * schedule.factor(step)
+                net.train_step(xb, y[idx], opt)
+            else:
                 for group in opt.param_groups:
-                    group["lr"] = models.RECIPES["modern"]["lr"] * schedule.factor(step)
+                    group["lr"] = r["lr"] * schedule.factor(step)
                 opt.zero_grad(set_to_none=True)
-                loss_fn(tnet(xf[idx]), yy[idx]).backward()
+                loss_fn(tnet(torch.from_numpy(xb)), yy[idx]).backward()
                 opt.step()
-                step += 1
-            seconds = time.perf_counter() - start
+            step += 1
+        seconds = time.perf_counter() - start
+        epoch += 1
+        if engine == "fastcnn":
+            acc = net.evaluate(xt, yt, batch_size=256)["accuracy"]
+        else:
             tnet.eval()
             with torch.inference_mode():
                 pred = torch.cat([tnet(xtf[s : s + 256]).argmax(1) for s in range(0, len(xt), 256)])
@@ -107,20 +134,30 @@ def worker(engine, epochs, threads, seed):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--recipe", choices=tuple(TARGETS), default="modern")
+    p.add_argument("--epochs", type=int, help="default: the recipe's")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dataset", default="fashion-mnist", help="a fastcnn.datasets name")
+    p.add_argument("--limit", type=int, help="only the first N training and test images "
+                   "(a quick check of the script, not a result)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--worker", choices=("fastcnn", "torch"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.epochs is None:
+        from fastcnn import models
+
+        args.epochs = models.RECIPES[args.recipe]["epochs"]
     if args.worker:
-        return worker(args.worker, args.epochs, args.threads, args.seed)
+        return worker(args.worker, args.epochs, args.threads, args.seed, args.recipe,
+                      args.dataset, args.limit)
     from fastcnn import spawn
 
     engines = ("fastcnn", "torch")
     procs = {e: subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), "--worker", e, "--epochs", str(args.epochs),
-         "--threads", str(args.threads), "--seed", str(args.seed)],
+         "--threads", str(args.threads), "--seed", str(args.seed), "--recipe", args.recipe,
+         "--dataset", args.dataset] + ([] if args.limit is None else ["--limit", str(args.limit)]),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=spawn.environment())
         for e in engines}
     for e, proc in procs.items():
@@ -139,11 +176,11 @@ def main():
     for proc in procs.values():
         proc.stdin.close()
         proc.wait()
-    print(f"\ntraining seconds to reach each test accuracy (modern recipe, Fashion-MNIST, "
+    print(f"\ntraining seconds to reach each test accuracy ({args.recipe} recipe, {args.dataset}, "
           f"{args.threads} threads):")
     print(f"{'target':>8} {'fastcnn':>12} {'PyTorch':>12} {'ratio':>7}")
     table = []
-    for target in TARGETS:
+    for target in TARGETS[args.recipe]:
         row = {"target": target}
         for e in engines:
             hit = next((r for r in results[e] if r["accuracy"] >= target), None)

@@ -195,3 +195,25 @@ def test_fit_against_a_plain_torch_loop_prints_both_speeds():
                      r"([\d,]+); median ratio ([\d.]+)x$", run.stdout, re.M)
     assert line, run.stdout
     assert all(int(v.replace(",", "")) > 0 for v in line.groups()[:4]) and float(line[5]) > 0
+
+
+def test_time_to_accuracy_script_runs_a_recipe(tmp_path):
+    """bench/time_to_accuracy.py end to end on the ResNet recipe at tiny settings (digits of
+    the sample, 2 epochs): both engines report each epoch, the table names every target."""
+    import re
+    from pathlib import Path
+
+    pytest.importorskip("torch")
+    script = Path(__file__).resolve().parent.parent / "bench" / "time_to_accuracy.py"
+    out = tmp_path / "t.json"
+    run = subprocess.run([sys.executable, str(script), "--recipe", "resnet", "--epochs", "2",
+                          "--dataset", "mnist-sample", "--limit", "128", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for engine in ("fastcnn", "torch"):
+        assert len(re.findall(rf"^epoch \d: {engine} +test accuracy [\d.]+% after", run.stdout,
+                              re.M)) == 2, run.stdout
+    record = json.loads(out.read_text())
+    assert [row["target"] for row in record["table"]] == [0.92, 0.93, 0.935, 0.94]
+    epochs = record["epochs"]
+    assert all(0 <= e["accuracy"] <= 1 and e["seconds"] > 0 for v in epochs.values() for e in v)
