@@ -217,3 +217,17 @@ def test_time_to_accuracy_script_runs_a_recipe(tmp_path):
     assert [row["target"] for row in record["table"]] == [0.92, 0.93, 0.935, 0.94]
     epochs = record["epochs"]
     assert all(0 <= e["accuracy"] <= 1 and e["seconds"] > 0 for v in epochs.values() for e in v)
+
+
+def test_augment_cost_script_reports_both_cases():
+    import re
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "augment_cost.py"
+    run = subprocess.run([sys.executable, str(script), "--rounds", "1", "--images", "0.01"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = re.findall(r"^(\w+) [\dx]+ batch \d+ augment \S+: ([\d.]+) ms a step without, "
+                      r"([\d.]+) ms with: [+-][\d.]+%$", run.stdout, re.M)
+    assert [r[0] for r in rows] == ["simple", "resnet"], run.stdout
+    assert all(float(a) > 0 and float(b) > 0 for _, a, b in rows)
