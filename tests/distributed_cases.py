@@ -24,7 +24,28 @@ CASES = {
     # rank must still end with the same model
     "modern_float32": dict(model="modern", dtype="float32", optimizer="adam", batch=5, n=30,
                            epochs=2, compare=False),
+    # a residual model's gradients (containers' parameters) are averaged like a stack's
+    "residual_float64": dict(model="residual", dtype="float64", optimizer="sgd", batch=5, n=31,
+                             epochs=2),
+    # the ResNet augmented: each rank draws its own moves; every rank still ends the same
+    "resnet_augmented_float32": dict(model="resnet", dtype="float32", optimizer="sgd", batch=5,
+                                     n=30, epochs=1, augment="crop=2,flip", compare=False),
 }
+
+
+def residual(dtype):
+    """A small residual model without BatchNorm (whose shard statistics would differ)."""
+    from fastcnn import layers as L
+
+    rng = np.random.default_rng(0)
+    return fastcnn.ConvNet([
+        L.Conv2D(1, 4, 3, dtype=dtype, rng=rng), L.ReLU(), L.MaxPool2D(2),
+        L.Residual(L.Sequential([L.Conv2D(4, 4, 3, dtype=dtype, rng=rng), L.ReLU(),
+                                 L.Conv2D(4, 4, 3, dtype=dtype, rng=rng)])), L.ReLU(),
+        L.Residual(L.Conv2D(4, 6, 3, stride=2, dtype=dtype, rng=rng),
+                   L.Conv2D(4, 6, 1, stride=2, padding=0, dtype=dtype, rng=rng)),
+        L.AvgPool2D(2), L.GlobalAvgPool2D(), L.Dense(6, 10, dtype=dtype, rng=rng)],
+        input_shape=(1, 28, 28))
 
 
 def halve(net):
@@ -33,7 +54,10 @@ def halve(net):
 
 
 def make(case):
-    net = models.build(case["model"], dtype=np.dtype(case["dtype"]), seed=0)
+    if case["model"] == "residual":
+        net = residual(np.dtype(case["dtype"]))
+    else:
+        net = models.build(case["model"], dtype=np.dtype(case["dtype"]), seed=0)
     if case.get("hook"):
         net.gradient_hook = halve
     if case["optimizer"] == "sgd":

@@ -41,7 +41,8 @@ def main():
                 take_step(net)
             opt.step = step
         history = net.fit(x, y, epochs=case["epochs"], batch_size=case["batch"], seed=3,
-                          optimizer=opt, distributed=dp, verbose=False)
+                          optimizer=opt, distributed=dp, verbose=False,
+                          augment=case.get("augment"))
         arrays = {k: a for k, a, _ in net.parameters()}
         arrays["loss"] = np.asarray(history["loss"])
         arrays["batch_loss"] = np.asarray(history["batch_loss"])
