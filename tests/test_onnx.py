@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import fastcnn
-from fastcnn import ConvNet, datasets, layers, models, onnx_export, onnx_import
+from fastcnn import ConvNet, cli, datasets, layers, models, onnx_export, onnx_import
 from fastcnn.layers import (
     AvgPool2D,
     BatchNorm1D,
@@ -598,3 +598,35 @@ def test_bad_metadata_is_named(tmp_path):
     prop = model.metadata_props.add()
     prop.key, prop.value = "normalization_mean", "[0.5]"
     refused(write(tmp_path, model), "normalization_mean and normalization_std alone")
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+def test_fastcnn_export_and_import_end_to_end(tmp_path, capsys):
+    net = models.build("modern")
+    rng = np.random.default_rng(6)
+    x = images(rng, 8, (1, 28, 28))
+    trained_ish(net, rng, x)
+    net.class_names = tuple("0123456789")
+    net.save(tmp_path / "m.npz")
+    assert cli.main(["export", str(tmp_path / "m.npz"), str(tmp_path / "m.onnx"),
+                     "--softmax"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote" in out and "input images (N, 1, 28, 28) float32, output scores and " \
+                               "probabilities (N, 10)" in out
+    assert_like_fastcnn(ConvNet.load(tmp_path / "m.npz"), tmp_path / "m.onnx", x)
+    assert cli.main(["import", str(tmp_path / "m.onnx"), str(tmp_path / "back.npz")]) == 0
+    # modern has 19 layers; its Dropout is not in the ONNX file
+    assert "18 layers, 468,202 parameters" in capsys.readouterr().out
+    back = ConvNet.load(tmp_path / "back.npz")
+    assert back.class_names == net.class_names
+    assert_same_network(net, back)
+
+    net64 = models.build("simple", dtype=np.float64)
+    net64.save(tmp_path / "m64.npz")
+    assert cli.main(["export", str(tmp_path / "m64.npz"), str(tmp_path / "m64.onnx")]) == 0
+    assert "note: the model is float64" in capsys.readouterr().err
+    assert cli.main(["import", str(tmp_path / "m.npz"), str(tmp_path / "x.npz")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastcnn: error: ") and "is not an ONNX model fastcnn can import" in err
+    assert not (tmp_path / "x.npz").exists()
