@@ -305,6 +305,9 @@ class _Reader:
             net.num_classes()
         except ValueError as e:
             raise Invalid(str(e)) from None
+        bad = net.nonfinite_parameter()
+        if bad:
+            raise Invalid(f"its {bad} holds NaN or infinite values")
         _restore_metadata(net, {p.key: p.value for p in self.model.metadata_props})
         return net.eval()
 

@@ -199,8 +199,11 @@ def batchnorm(reader, node, shape):
     c = shape[0]
     arrays = {key: constant(reader, node, i + 1, key, (c,)) for i, key in
               enumerate(("weight", "bias", "running_mean", "running_var"))}
-    if not a["epsilon"] > 0 or (arrays["running_var"] < 0).any():
-        raise Invalid(f"{reader.where(node)}: epsilon {a['epsilon']} and a negative variance")
+    if not 0 < a["epsilon"] < 1:
+        raise Invalid(f"{reader.where(node)}: epsilon {a['epsilon']}; fastcnn takes one in "
+                      f"(0, 1)")
+    if (arrays["running_var"] < 0).any():
+        raise Invalid(f"{reader.where(node)}: its running variance holds negative values")
     kind = BatchNorm2D if len(shape) == 3 else BatchNorm1D
     momentum = _short(1 - _short(a["momentum"]))  # ONNX weighs the old value, fastcnn the new
     layer = kind(c, eps=_short(a["epsilon"]), momentum=min(max(momentum, 0.0), 1.0),

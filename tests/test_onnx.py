@@ -589,6 +589,23 @@ def test_graphs_fastcnn_cannot_represent(tmp_path):
     refused(write(tmp_path, model), r"fixed C, H and W, got dimensions \['?\?'?, 1, '?\?'?, 28\]")
 
 
+def test_values_fastcnn_would_not_load_from_its_own_files(tmp_path):
+    from onnx import numpy_helper
+
+    model = exported(tmp_path, "modern")
+    weights = {t.name: t for t in model.graph.initializer}
+    bias = numpy_helper.to_array(weights["layer0.bias"]).copy()
+    bias[3] = np.inf
+    weights["layer0.bias"].CopyFrom(numpy_helper.from_array(bias, "layer0.bias"))
+    refused(write(tmp_path, model), r"its layer 0 \(Conv2D\) bias holds NaN or infinite values")
+    model = exported(tmp_path, "modern")
+    weights = {t.name: t for t in model.graph.initializer}
+    var = -np.ones(32, np.float32)
+    weights["layer1.running_var"].CopyFrom(numpy_helper.from_array(var, "layer1.running_var"))
+    refused(write(tmp_path, model), r"node 1 'layer1' \(BatchNormalization\): its running "
+                                    r"variance holds negative values")
+
+
 def test_bad_metadata_is_named(tmp_path):
     model = exported(tmp_path)
     prop = model.metadata_props.add()
