@@ -23,8 +23,8 @@ _EXPORTS = {
     "get_num_threads": "threads", "set_num_threads": "threads",
 }
 _SUBMODULES = ("atomic", "backend", "benchmark", "datasets", "history", "idx", "jit_cost",
-               "kernels", "layers", "memory", "models", "network", "optim", "plots", "predict",
-               "serialize", "spawn", "threads")
+               "kernels", "layers", "memory", "models", "network", "onnx_export", "onnx_import",
+               "optim", "plots", "predict", "serialize", "spawn", "threads")
 
 __all__ = [*sorted(_EXPORTS), "__version__"]
 

@@ -1,4 +1,4 @@
-"""The ``fastcnn`` command: train, evaluate, plot, predict, bench, info.
+"""The ``fastcnn`` command: train, evaluate, summary, export, import, plot, predict, bench, info.
 
 Each command is a ``cmd_<command>(args)`` with its ``_add_<command>_parser`` right above it.
 
@@ -92,8 +92,9 @@ def _parser():
                                     "backends.")
     parser.add_argument("--version", action="version", version=f"fastcnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train_parser, _add_evaluate_parser, _add_summary_parser, _add_bench_parser,
-                _add_plot_parser, _add_predict_parser, _add_info_parser):
+    for add in (_add_train_parser, _add_evaluate_parser, _add_summary_parser, _add_export_parser,
+                _add_import_parser, _add_bench_parser, _add_plot_parser, _add_predict_parser,
+                _add_info_parser):
         add(sub)
     return parser
 
@@ -638,6 +639,77 @@ def cmd_summary(args):
     trained = f", trained on {net.dataset}" if net.dataset else ""
     print(f"{args.path}: input {net.input_shape}, {net.num_classes()} classes{trained}")
     print(net.summary())
+    return 0
+
+
+def _add_export_parser(subparsers):
+    export = subparsers.add_parser(
+        "export", help="write a saved model as ONNX, for onnxruntime and other runtimes",
+        description="Write a saved model as an ONNX file (opset 17; needs pip install "
+                    "'fastcnn[onnx]'): input 'images' (N, C, H, W) float32, prepared as "
+                    "fastcnn prepares them (uint8 / 255, then the model's per-channel "
+                    "normalisation, both in the file's metadata with the class names); output "
+                    "'scores' (N, K).")
+    export.add_argument("path", help="model file written by 'fastcnn train --save' (or a "
+                                     "checkpoint)")
+    export.add_argument("out", help="the ONNX file to write")
+    export.add_argument("--softmax", action="store_true",
+                        help="add a second output, 'probabilities': the scores' softmax")
+    export.set_defaults(func=cmd_export)
+
+
+def cmd_export(args):
+    import warnings
+
+    from . import onnx_export
+    from .network import ConvNet
+
+    net = ConvNet.load(args.path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        net.to_onnx(args.out, softmax=args.softmax)
+    for w in caught:
+        print(f"note: {w.message}", file=sys.stderr)
+    outputs = "scores" + (" and probabilities" if args.softmax else "")
+    print(f"wrote {args.out}: ONNX opset {onnx_export.OPSET}, input images (N, "
+          f"{', '.join(map(str, net.input_shape))}) float32, output {outputs} (N, "
+          f"{net.num_classes()}){'; ' + _preparation(net)}")
+    return 0
+
+
+def _preparation(net):
+    steps = "pixels / 255"
+    if net.normalization is not None:
+        steps += ", then (x - mean) / std per channel"
+    return f"prepare images as {steps} (metadata_props say so)"
+
+
+def _add_import_parser(subparsers):
+    imp = subparsers.add_parser(
+        "import", help="read an ONNX model (fastcnn's own exports, the same layers from "
+                       "PyTorch) into a fastcnn model file",
+        description="Read an ONNX model made of the layers fastcnn has (Conv, Relu, MaxPool, "
+                    "AveragePool, GlobalAveragePool, Flatten, Gemm, BatchNormalization, "
+                    "residual Adds) and save it as a fastcnn model file; any other operator is "
+                    "an error naming it and its node.")
+    imp.add_argument("path", help="the ONNX file")
+    imp.add_argument("out", help="the fastcnn model file (.npz) to write")
+    imp.set_defaults(func=cmd_import)
+
+
+def cmd_import(args):
+    from . import serialize
+    from .network import ConvNet
+
+    serialize.check_destination(args.out)
+    net = ConvNet.from_onnx(args.path)
+    net.save(args.out)
+    names = ""
+    if net.class_names:
+        more = ", ..." if len(net.class_names) > 5 else ""
+        names = f", classes {', '.join(net.class_names[:5])}{more}"
+    print(f"wrote {args.out}: {len(net.layers)} layers, {net.num_params():,} parameters, input "
+          f"{net.input_shape}, {net.num_classes()} classes{names}")
     return 0
 
 

@@ -468,6 +468,26 @@ class ConvNet:
         """Read a model written by ``save``; a corrupt or foreign file is a ValueError."""
         return serialize.load(cls, path)
 
+    def to_onnx(self, path, softmax=False):
+        """Write the model to ``path`` as ONNX (opset 17), for onnxruntime and every other ONNX
+        runtime: input ``images`` (N, C, H, W) float32 prepared as ``prepare_batch`` prepares
+        them, output ``scores`` (N, K), and with ``softmax`` also ``probabilities`` (N, K);
+        the preprocessing and class names in its metadata (``fastcnn.onnx_export``). Needs
+        ``pip install 'fastcnn[onnx]'``."""
+        from . import onnx_export
+
+        onnx_export.export(self, path, softmax=softmax)
+
+    @classmethod
+    def from_onnx(cls, path):
+        """Read an ONNX model fastcnn can represent (its own exports; the same layers written
+        by other exporters, such as PyTorch's), in inference mode; any other graph, and any
+        file that is not a sound ONNX model, is a ValueError naming the node or the problem
+        (``fastcnn.onnx_import``)."""
+        from . import onnx_import
+
+        return onnx_import.load(cls, path)
+
 
 def _nonfinite_images(x, chunk=4096):
     """Indices of the images in float array x that hold a NaN or an infinity (read in chunks:
