@@ -134,7 +134,10 @@ def _interactive():
             return True
     except (AttributeError, ValueError):
         pass
-    return "ipykernel" in sys.modules
+    # a kernel's shell, not merely ipykernel imported (a test runner that runs notebooks has)
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if hasattr(ipython, "get_ipython") else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
 
 
 def _compile_notice(enabled):

@@ -32,3 +32,24 @@ def test_fit_shows_progress_by_default_only_when_someone_watches(monkeypatch, ca
     assert capsys.readouterr().out.startswith("epoch 1/1: loss")
     fit(verbose=False)
     assert capsys.readouterr().out == ""
+
+
+def test_a_jupyter_kernel_counts_as_someone_watching_and_its_package_alone_does_not(
+        monkeypatch):
+    import sys
+    import types
+
+    from fastcnn import training
+
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    assert not training._interactive()  # imported (nbclient's tests do), no kernel running
+
+    class ZMQInteractiveShell:  # the shell of a notebook's kernel
+        pass
+
+    fake = types.ModuleType("IPython")
+    fake.get_ipython = ZMQInteractiveShell
+    monkeypatch.setitem(sys.modules, "IPython", fake)
+    assert training._interactive()
+    fake.get_ipython = lambda: None  # IPython installed, not in a kernel
+    assert not training._interactive()
