@@ -2,6 +2,7 @@
 
     python bench/fit_vs_torch.py                      # complex model, batch 64 and 10
     python bench/fit_vs_torch.py --batch 64 --rounds 5 --images 1920
+    python bench/fit_vs_torch.py --model resnet --shape 3x32x32 --batch 64   # random images
 
 Each round trains one epoch of --images images on each side, taking turns: fastcnn through
 `ConvNet.fit` with its own thread choice (the tuner, as `fastcnn train` runs), PyTorch through
@@ -42,21 +43,30 @@ def torch_epoch(tnet, opt, xt, yt, batch):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="complex", choices=("simple", "complex"))
+    p.add_argument("--model", default="complex", choices=models.MODELS)
     p.add_argument("--batch", type=int, nargs="+", default=[64, 10])
     p.add_argument("--images", type=int, default=1920)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dataset", default="mnist-sample", choices=datasets.NAMES)
+    p.add_argument("--shape", help="CxHxW: random uint8 images of this shape instead of the "
+                   "dataset's (3x32x32: CIFAR-10's)")
     args = p.parse_args()
-    (x, y), _ = datasets.load(args.dataset, raw=True)
-    x, y = x[: args.images], y[: args.images]
+    if args.shape:
+        shape = tuple(int(v) for v in args.shape.lower().split("x"))
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 256, (args.images,) + shape, dtype=np.uint8)
+        y = rng.integers(0, 10, args.images)
+    else:
+        (x, y), _ = datasets.load(args.dataset, raw=True)
+        x, y = x[: args.images], y[: args.images]
     xt = torch.from_numpy(x).float().div_(255)
     yt = torch.from_numpy(y.astype(np.int64))
-    print(f"{args.model} model, {len(x)} images an epoch, {args.rounds} rounds, "
+    shape = "x".join(map(str, x.shape[1:]))
+    print(f"{args.model} model, {len(x)} images of {shape} an epoch, {args.rounds} rounds, "
           f"PyTorch {torch.__version__} on {torch.get_num_threads()} threads")
     for batch in args.batch:
-        net = models.build(args.model)
-        tnet = torch_model(args.model)
+        net = models.build(args.model, input_shape=x.shape[1:])
+        tnet = torch_model(args.model, input_shape=x.shape[1:])
         copy_weights(net, tnet)
         opt = torch.optim.SGD(tnet.parameters(), lr=0.01)
         fastcnn_epoch(net, x[: 4 * batch], y[: 4 * batch], batch)  # compiled, warmed up

@@ -476,10 +476,10 @@ def _forward(x, w, b, stride, ph, pw, shape, tile=None, keep=False, xf=None, rel
     w = np.ascontiguousarray(w)
     if stride > 1 and w.shape[2:] == (3, 3):  # on the fast stride-1 kernel, then every s-th
         n, f = shape[:2]
-        y1, xf = _forward(x, w, b, 1, ph, pw, (n, f, x.shape[2] + 2 * ph - 2,
-                                                x.shape[3] + 2 * pw - 2), tile, True, xf, relu)
+        y1 = _forward(x, w, b, 1, ph, pw, (n, f, x.shape[2] + 2 * ph - 2,
+                                           x.shape[3] + 2 * pw - 2), tile, False, None, relu)
         y = np.ascontiguousarray(_every(y1, stride, shape))
-        return (y, xf) if keep else y
+        return (y, None) if keep else y
     if w.shape[2:] == (1, 1) and ph == pw == 0:  # a matrix product, on every s-th input
         y = _conv1x1_forward(x[:, :, ::stride, ::stride], w, b, relu)
         return (y, None) if keep else y
@@ -547,11 +547,12 @@ def _backward(x, dy, w, stride, pad, need_dx, saved, relu_output):
     (kh, kw), stride, pad = c.check_conv_grad_weight(x, dy, kernel_size, stride, pad)
     if need_dx:
         c.check_conv_grad_input(dy, w, x.shape, stride, pad)
-    if stride > 1 and (kh, kw) == (3, 3):  # the stride-1 backward of dy spread out
+    if stride > 1 and (kh, kw) == (3, 3):  # im2col and the tiled matmul
         if relu_output is not None:
             dy = relu_backward(dy, relu_output)
-        return _backward(x, _spread_out(dy, stride, x.shape[2:], pad), w, 1, pad, need_dx,
-                         saved, None)
+        cols = _strided_columns(x, 3, 3, stride, pad, dy.shape[2:])
+        dw, db = _strided_grad_weight(cols, dy, w.shape)
+        return dw, db, _strided_grad_input(dy, w, x.shape, stride, pad) if need_dx else None
     if not (stride == 1 and (kh, kw) == (3, 3) and pad == 1):
         if relu_output is not None:
             dy = relu_backward(dy, relu_output)
@@ -761,7 +762,8 @@ def conv2d_grad_weight(x, dy, kernel_size, stride, pad):
     f = dy.shape[1]
     if (kh, kw) == (3, 3):
         if stride > 1:
-            dy = _spread_out(dy, stride, x.shape[2:], pad)
+            cols = _strided_columns(x, 3, 3, stride, pad, dy.shape[2:])
+            return _strided_grad_weight(cols, np.ascontiguousarray(dy), (f, x.shape[1], 3, 3))
         return _grad_weight_3x3(x, dy, pad)
     if (kh, kw) == (1, 1) and pad == 0:
         return _conv1x1_grad_weight(_columns(x[:, :, ::stride, ::stride]), dy)
@@ -794,8 +796,8 @@ def conv2d_grad_input(dy, w, input_shape, stride, pad):
     added at xpad[n, c, i*stride + p, j*stride + q], padding then cropped. dx has input_shape."""
     (n, ch, h, wd), stride, pad = c.check_conv_grad_input(dy, w, input_shape, stride, pad)
     f, _, kh, kw = w.shape
-    if stride > 1 and (kh, kw) == (3, 3) and pad < 3:
-        return conv2d_grad_input(_spread_out(dy, stride, (h, wd), pad), w, input_shape, 1, pad)
+    if stride > 1 and (kh, kw) == (3, 3):
+        return _strided_grad_input(np.ascontiguousarray(dy), w, input_shape, stride, pad)
     if (kh, kw) == (1, 1) and pad == 0:
         dx = np.zeros(input_shape, dy.dtype)
         dx[:, :, ::stride, ::stride] = _conv1x1_grad_input(dy, w)
@@ -814,11 +816,62 @@ def conv2d_grad_input(dy, w, input_shape, stride, pad):
 
 
 # -- strided and 1x1 convolutions, on the fast kernels -------------------------------------------
-# NOTE: a stride-s 3x3 convolution is every s-th output of the stride-1 one; its gradients are
-# the stride-1 gradients of dy spread out with zeros between (s^2 times the work, on kernels ~20x
-# faster than the plain direct loops).
+# NOTE: a strided 3x3 convolution's forward pass is every s-th output of the stride-1 one, on the
+# tiled kernel (s^2 times the work, at 4-5x the speed of the matmul below). Its gradients are
+# matrix products on x's windows laid out as columns (im2col: (9C, N*OH*OW), a row per channel
+# and tap): the weight gradient the columns times dy^T, the input gradient w^T times dy,
+# scattered back onto the windows (col2im). (The stride-1 gradients of dy spread out with zeros
+# did s^2 times the work: 16->32 channels on 32x32 images, batch 64, 11.3 -> 9.1 ms.)
 # A 1x1 convolution is a matrix product: w (F, C) times x laid out (C, N*H*W), on the register-
 # tiled matmul of the dense layers; with stride s, on every s-th input.
+
+
+@_parallel
+def _im2col(xp, kh, kw, stride, oh, ow, cols):
+    """cols[(c*kh + p)*kw + q, (n*oh + i)*ow + j] = xp[n, c, i*stride + p, j*stride + q]."""
+    N, C = xp.shape[0], xp.shape[1]
+    for t in prange(C * kh * kw):  # one row of the columns per task
+        ch, tap = t // (kh * kw), t % (kh * kw)
+        p, q = tap // kw, tap % kw
+        row = cols[t]
+        for n in range(N):
+            for i in range(oh):
+                src = xp[n, ch, i * stride + p]
+                at = (n * oh + i) * ow
+                for j in range(ow):
+                    row[at + j] = src[j * stride + q]
+
+
+@_parallel
+def _col2im(cols, kh, kw, stride, oh, ow, dxp):
+    """dxp[n, c, i*stride + p, j*stride + q] += cols[(c*kh + p)*kw + q, (n*oh + i)*ow + j]: the
+    columns' gradients added back onto the windows they came from, each padded plane by one
+    task (in the same order on any thread count)."""
+    N, C = dxp.shape[0], dxp.shape[1]
+    for t in prange(N * C):
+        n, ch = t // C, t % C
+        plane = dxp[n, ch]
+        for p in range(kh):
+            for q in range(kw):
+                row = cols[(ch * kh + p) * kw + q]
+                for i in range(oh):
+                    out = plane[i * stride + p]
+                    at = (n * oh + i) * ow
+                    for j in range(ow):
+                        out[j * stride + q] += row[at + j]
+
+
+_im2col_serial = _twin(_im2col)
+_col2im_serial = _twin(_col2im)
+
+
+def _strided_columns(x, kh, kw, stride, pad, out_plane):
+    """x's windows as the columns (C*kh*kw, N*OH*OW) (see _im2col)."""
+    n, ch = x.shape[:2]
+    oh, ow = out_plane
+    cols = np.empty((ch * kh * kw, n * oh * ow), x.dtype)
+    _run(_im2col, _serially(cols.size), _padded(x, pad, pad), kh, kw, stride, oh, ow, cols)
+    return cols
 
 
 def _every(y1, stride, shape):
@@ -827,13 +880,26 @@ def _every(y1, stride, shape):
     return y1[:, :, : (oh - 1) * stride + 1 : stride, : (ow - 1) * stride + 1 : stride]
 
 
-def _spread_out(dy, stride, plane, pad):
-    """dy of a stride-s 3x3 convolution as the stride-1 convolution's: each value at (i*s, j*s)
-    of the stride-1 output, zeros between."""
-    h1, w1 = plane[0] + 2 * pad - 2, plane[1] + 2 * pad - 2
-    up = np.zeros((dy.shape[0], dy.shape[1], h1, w1), dy.dtype)
-    _every(up, stride, dy.shape)[...] = dy
-    return up
+def _strided_grad_weight(cols, dy, w_shape):
+    """(dw, db): dw^T (C*kh*kw, F) = cols times dy laid out (N*OH*OW, F)."""
+    f = dy.shape[1]
+    dy_rows = np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).reshape(-1, f)
+    dw_t = _matmul_into(cols, dy_rows, np.empty((cols.shape[0], f), dy.dtype))
+    db = np.zeros(f, dy.dtype)
+    _row_sums(_columns(dy), db, 0, dy_rows.shape[0])
+    return np.ascontiguousarray(dw_t.T).reshape(w_shape), db
+
+
+def _strided_grad_input(dy, w, input_shape, stride, pad):
+    """w^T (C*kh*kw, F) times dy laid out (F, N*OH*OW), scattered back onto the windows."""
+    n, ch, h, wd = input_shape
+    f, _, kh, kw = w.shape
+    oh, ow = dy.shape[2:]
+    dcols = _matmul_into(np.ascontiguousarray(w.reshape(f, -1).T), _columns(dy),
+                         np.empty((ch * kh * kw, n * oh * ow), dy.dtype))
+    dxp = np.zeros((n, ch, h + 2 * pad, wd + 2 * pad), dy.dtype)
+    _run(_col2im, _serially(dcols.size), dcols, kh, kw, stride, oh, ow, dxp)
+    return np.ascontiguousarray(dxp[:, :, pad : pad + h, pad : pad + wd]) if pad else dxp
 
 
 def _columns(x):
