@@ -697,6 +697,34 @@ def test_numba_every_register_tile_agrees_with_naive(rng, tile, case, dtype):
     np.testing.assert_allclose(got, want, **tol(dtype))
 
 
+@pytest.mark.parametrize("tile", NUMBA_TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("serial", [False, True], ids=["parallel", "serial"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numba_every_matmul_tile_agrees_with_float64(rng, tile, serial, dtype):
+    """The matrix product behind 1x1 and strided convolutions and the dense layers' gradients,
+    on every register tile, parallel and serial: rows off the row groups, columns past the
+    last full tile."""
+    from fastcnn.kernels import numba_jit
+
+    fb, v = tile
+    m, r, k = fb + 3, 5, 3 * v + 7
+    a = rng.standard_normal((m, r)).astype(dtype)
+    b = rng.standard_normal((r, k)).astype(dtype)
+    out = np.full((m, k), np.nan, dtype)
+    numba_jit._tiled_matmul(fb, v, serial)(numba_jit._row_groups(a, fb), b, out)
+    np.testing.assert_allclose(out, a.astype(np.float64) @ b, **tol(dtype))
+
+
+@pytest.mark.parametrize("k", [40, 1000], ids=["few_columns", "many_columns"])
+def test_numba_matmul_takes_either_tile_and_agrees(rng, k):
+    from fastcnn.kernels import numba_jit
+
+    a = rng.standard_normal((9, 33)).astype(np.float32)
+    b = rng.standard_normal((33, k)).astype(np.float32)
+    out = numba_jit._matmul_into(a, b, np.full((9, k), np.nan, np.float32))
+    np.testing.assert_allclose(out, a.astype(np.float64) @ b, **tol(np.float32))
+
+
 def test_numba_tile_choice_follows_the_vectors():
     from fastcnn.kernels.numba_jit import conv_tile
 
