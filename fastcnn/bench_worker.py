@@ -86,7 +86,7 @@ def torch_twin(net_or_layer):
         kind = type(layer)
         if kind is L.Conv2D:
             return nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
-                             layer.stride, layer.padding)
+                             layer.stride, layer.pad)
         if kind in (L.BatchNorm2D, L.BatchNorm1D):
             norm = nn.BatchNorm2d if kind is L.BatchNorm2D else nn.BatchNorm1d
             return norm(layer.channels, eps=layer.eps, momentum=layer.momentum)

@@ -76,17 +76,26 @@ def _square(reader, node, what, values, rank=2):
 
 
 def _plain(reader, node, a, pads_ok=False):
-    """The checks every windowed operator shares: no dilation, no auto_pad, symmetric pads
-    (zero unless ``pads_ok``); returns the padding."""
+    """The checks every windowed operator shares: no dilation, symmetric pads (zero unless
+    ``pads_ok``), auto_pad only where it means symmetric pads; returns the padding."""
     if any(d != 1 for d in a.get("dilations") or [1]):
         raise Invalid(f"{reader.where(node)}: dilations {list(a['dilations'])}; fastcnn's "
                       f"windows are dense")
-    if a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        raise Invalid(f"{reader.where(node)}: auto_pad {a['auto_pad']}; fastcnn takes explicit "
-                      f"pads")
+    auto = a.get("auto_pad", "NOTSET")
     pads = list(a.get("pads") or [0, 0, 0, 0])
-    if a.get("auto_pad") == "VALID":
+    if auto == "VALID":
         pads = [0, 0, 0, 0]
+    elif auto in ("SAME_UPPER", "SAME_LOWER"):
+        # stride 1 and an odd square kernel: "same" pads both sides alike (PyTorch writes this
+        # for padding="same"); anything else would pad one side more than the other
+        kernel, strides = list(a.get("kernel_shape") or []), list(a.get("strides") or [1, 1])
+        if not (len(set(kernel)) == 1 and kernel[0] % 2 == 1 and set(strides) == {1}):
+            raise Invalid(f"{reader.where(node)}: auto_pad {auto} with kernel_shape {kernel} "
+                          f"and strides {strides} pads unevenly; fastcnn takes explicit, "
+                          f"symmetric pads")
+        pads = [(kernel[0] - 1) // 2] * 4
+    elif auto != "NOTSET":
+        raise Invalid(f"{reader.where(node)}: auto_pad {auto}; fastcnn takes explicit pads")
     pad = _square(reader, node, "pads", pads, 4)
     if pad and not pads_ok:
         raise Invalid(f"{reader.where(node)}: pads {pads}; fastcnn's pooling has no padding")

@@ -311,40 +311,14 @@ def test_without_the_onnx_package_the_error_says_how_to_install_it(tmp_path, mon
 
 # -- PyTorch's exporter --------------------------------------------------------------------------
 
-def torch_twin(layer):
-    """The PyTorch module that computes what fastcnn ``layer`` computes, with its values."""
-    import torch
-    from torch import nn
+def torch_twin(net):
+    """The PyTorch module that computes what fastcnn ``net`` computes, with its values."""
+    from fastcnn.bench_worker import copy_weights
+    from fastcnn.bench_worker import torch_twin as twin
 
-    class Add(nn.Module):
-        def __init__(self, block, shortcut):
-            super().__init__()
-            self.block, self.shortcut = block, shortcut
-
-        def forward(self, x):
-            return self.block(x) + (x if self.shortcut is None else self.shortcut(x))
-
-    kind = type(layer)
-    if kind in (Sequential, ConvNet):
-        return nn.Sequential(*map(torch_twin, layer.layers))
-    if kind is Residual:
-        return Add(torch_twin(layer.block),
-                   None if layer.shortcut is None else torch_twin(layer.shortcut))
-    simple = {ReLU: nn.ReLU, Flatten: nn.Flatten, Dropout: lambda: nn.Dropout(layer.p),
-              MaxPool2D: lambda: nn.MaxPool2d(layer.pool_size, layer.stride),
-              AvgPool2D: lambda: nn.AvgPool2d(layer.pool_size, layer.stride),
-              GlobalAvgPool2D: lambda: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())}
-    if kind in simple:
-        return simple[kind]()
-    module = {Conv2D: lambda: nn.Conv2d(layer.in_channels, layer.out_channels,
-                                        layer.kernel_size, layer.stride, layer.pad),
-              Dense: lambda: nn.Linear(layer.in_features, layer.out_features),
-              BatchNorm2D: lambda: nn.BatchNorm2d(layer.channels, layer.eps),
-              BatchNorm1D: lambda: nn.BatchNorm1d(layer.channels, layer.eps)}[kind]()
-    with torch.no_grad():
-        for key, value in {**layer.params, **layer.buffers}.items():
-            getattr(module, key).copy_(torch.from_numpy(value))
-    return module
+    tnet = twin(net)
+    copy_weights(net, tnet)
+    return tnet
 
 
 def torch_export(tnet, shape, path, dynamic=True):
@@ -383,6 +357,25 @@ def test_pytorch_exports_of_the_same_models_import(tmp_path, name):
     kinds = {type(la) for _, la in back.walk()}
     assert BatchNorm2D not in kinds and Dropout not in kinds  # folded, left out
     assert (Residual in kinds) == (name == "resnet")
+
+
+def test_same_padding_as_pytorch_writes_it_imports(tmp_path):
+    """Conv2d(padding="same") is exported with auto_pad SAME_UPPER and no pads: for a 3x3
+    kernel at stride 1 that is padding 1 on every side, and imports as such."""
+    torch = pytest.importorskip("torch")
+    import onnx
+
+    tnet = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding="same"), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(3 * 5 * 5, 4))
+    torch_export(tnet, (2, 5, 5), tmp_path / "same.onnx")
+    conv = onnx.load(str(tmp_path / "same.onnx")).graph.node[0]
+    assert {a.name: a for a in conv.attribute}["auto_pad"].s == b"SAME_UPPER"
+    back = ConvNet.from_onnx(tmp_path / "same.onnx")
+    assert back.layers[0].pad == 1
+    x = np.random.default_rng(2).random((3, 2, 5, 5), dtype=np.float32)
+    with torch.no_grad():
+        expected = tnet(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(back.forward(x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_pytorch_batchnorm1d_and_a_fixed_batch_import(tmp_path):
@@ -550,7 +543,8 @@ def test_an_operator_fastcnn_lacks_is_named_with_its_node(tmp_path, op, node):
     (0, "dilations", [2, 2], r"dilations \[2, 2\]"),
     (0, "pads", [1, 1, 0, 0], r"pads \[1, 1, 0, 0\]; fastcnn takes one value"),
     (0, "strides", [1, 2], r"strides \[1, 2\]"),
-    (0, "auto_pad", "SAME_UPPER", "auto_pad SAME_UPPER"),
+    (2, "auto_pad", "SAME_UPPER", r"auto_pad SAME_UPPER with kernel_shape \[2, 2\]"),
+    (0, "auto_pad", "SAME_LEFT", "auto_pad SAME_LEFT; fastcnn takes explicit pads"),
     (2, "ceil_mode", 1, "ceil_mode 1"),
     (2, "kernel_shape", [2, 3], r"kernel_shape \[2, 3\]"),
     (3, "axis", 2, "axis 2; fastcnn flattens all but the batch axis"),
@@ -568,6 +562,7 @@ def test_attributes_fastcnn_cannot_represent_are_named(tmp_path, node, attribute
     target.attribute.extend(kept + [helper.make_attribute(attribute, value)])
     if attribute == "auto_pad":
         target.attribute.remove(next(a for a in target.attribute if a.name == "pads"))
+    assert target.op_type == ("Conv", "Relu", "MaxPool", "Flatten", "Gemm")[node]
     path = write(tmp_path, model)
     with pytest.raises(ValueError, match=rf"node {node} 'layer{node}' \(\w+\).*{message}"):
         ConvNet.from_onnx(path)
