@@ -81,10 +81,10 @@ class Augment:
         n, c, h, w = batch.shape
         out = np.empty_like(batch) if out is None else out[:n]
         k = self.crop
-        dy = rng.integers(-k, k + 1, n) if k else np.zeros(n, np.int64)
-        dx = rng.integers(-k, k + 1, n) if k else np.zeros(n, np.int64)
+        dy = rng.integers(-k, k + 1, n, dtype=np.int64) if k else np.zeros(n, np.int64)
+        dx = rng.integers(-k, k + 1, n, dtype=np.int64) if k else np.zeros(n, np.int64)
         mirror = rng.random(n) < 0.5 if self.flip else np.zeros(n, bool)
-        _move(batch, dy.astype(np.int64), dx.astype(np.int64), mirror, out)
+        _move(batch, dy, dx, mirror, out)
         return out
 
 

@@ -109,10 +109,9 @@ def torch_twin(net_or_layer):
                             None if layer.shortcut is None else twin(layer.shortcut))
         raise ValueError(f"no PyTorch twin for fastcnn layer {kind.__name__}")
 
-    layers = getattr(net_or_layer, "layers", None)
-    if layers is not None and not isinstance(net_or_layer, L.Layer):  # a ConvNet
-        return nn.Sequential(*map(twin, layers))
-    return twin(net_or_layer)
+    if isinstance(net_or_layer, L.Layer):
+        return twin(net_or_layer)
+    return nn.Sequential(*map(twin, net_or_layer.layers))  # a ConvNet
 
 
 def copy_weights(net, tnet):

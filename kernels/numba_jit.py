@@ -551,8 +551,11 @@ def _backward(x, dy, w, stride, pad, need_dx, saved, relu_output):
         if relu_output is not None:
             dy = relu_backward(dy, relu_output)
         cols = _strided_columns(x, 3, 3, stride, pad, dy.shape[2:])
-        dw, db = _strided_grad_weight(cols, dy, w.shape)
-        return dw, db, _strided_grad_input(dy, w, x.shape, stride, pad) if need_dx else None
+        dy_cols = _columns(dy)  # laid out once for both gradients
+        dw, db = _strided_grad_weight(cols, dy_cols, w.shape)
+        if not need_dx:
+            return dw, db, None
+        return dw, db, _strided_grad_input(dy_cols, w, x.shape, stride, pad, dy.shape[2:])
     if not (stride == 1 and (kh, kw) == (3, 3) and pad == 1):
         if relu_output is not None:
             dy = relu_backward(dy, relu_output)
@@ -763,7 +766,7 @@ def conv2d_grad_weight(x, dy, kernel_size, stride, pad):
     if (kh, kw) == (3, 3):
         if stride > 1:
             cols = _strided_columns(x, 3, 3, stride, pad, dy.shape[2:])
-            return _strided_grad_weight(cols, np.ascontiguousarray(dy), (f, x.shape[1], 3, 3))
+            return _strided_grad_weight(cols, _columns(dy), (f, x.shape[1], 3, 3))
         return _grad_weight_3x3(x, dy, pad)
     if (kh, kw) == (1, 1) and pad == 0:
         return _conv1x1_grad_weight(_columns(x[:, :, ::stride, ::stride]), dy)
@@ -797,7 +800,7 @@ def conv2d_grad_input(dy, w, input_shape, stride, pad):
     (n, ch, h, wd), stride, pad = c.check_conv_grad_input(dy, w, input_shape, stride, pad)
     f, _, kh, kw = w.shape
     if stride > 1 and (kh, kw) == (3, 3):
-        return _strided_grad_input(np.ascontiguousarray(dy), w, input_shape, stride, pad)
+        return _strided_grad_input(_columns(dy), w, input_shape, stride, pad, dy.shape[2:])
     if (kh, kw) == (1, 1) and pad == 0:
         dx = np.zeros(input_shape, dy.dtype)
         dx[:, :, ::stride, ::stride] = _conv1x1_grad_input(dy, w)
@@ -880,24 +883,25 @@ def _every(y1, stride, shape):
     return y1[:, :, : (oh - 1) * stride + 1 : stride, : (ow - 1) * stride + 1 : stride]
 
 
-def _strided_grad_weight(cols, dy, w_shape):
-    """(dw, db): dw^T (C*kh*kw, F) = cols times dy laid out (N*OH*OW, F)."""
-    f = dy.shape[1]
-    dy_rows = np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).reshape(-1, f)
-    dw_t = _matmul_into(cols, dy_rows, np.empty((cols.shape[0], f), dy.dtype))
-    db = np.zeros(f, dy.dtype)
-    _row_sums(_columns(dy), db, 0, dy_rows.shape[0])
+def _strided_grad_weight(cols, dy_cols, w_shape):
+    """(dw, db) from x's columns and dy laid out (F, N*OH*OW): dw^T (C*kh*kw, F) = cols times
+    dy_cols^T."""
+    f = dy_cols.shape[0]
+    dw_t = _matmul_into(cols, np.ascontiguousarray(dy_cols.T), np.empty((cols.shape[0], f),
+                                                                       dy_cols.dtype))
+    db = np.zeros(f, dy_cols.dtype)
+    _row_sums(dy_cols, db, 0, dy_cols.shape[1])
     return np.ascontiguousarray(dw_t.T).reshape(w_shape), db
 
 
-def _strided_grad_input(dy, w, input_shape, stride, pad):
+def _strided_grad_input(dy_cols, w, input_shape, stride, pad, out_plane):
     """w^T (C*kh*kw, F) times dy laid out (F, N*OH*OW), scattered back onto the windows."""
     n, ch, h, wd = input_shape
     f, _, kh, kw = w.shape
-    oh, ow = dy.shape[2:]
-    dcols = _matmul_into(np.ascontiguousarray(w.reshape(f, -1).T), _columns(dy),
-                         np.empty((ch * kh * kw, n * oh * ow), dy.dtype))
-    dxp = np.zeros((n, ch, h + 2 * pad, wd + 2 * pad), dy.dtype)
+    oh, ow = out_plane
+    dcols = _matmul_into(np.ascontiguousarray(w.reshape(f, -1).T), dy_cols,
+                         np.empty((ch * kh * kw, n * oh * ow), dy_cols.dtype))
+    dxp = np.zeros((n, ch, h + 2 * pad, wd + 2 * pad), dy_cols.dtype)
     _run(_col2im, _serially(dcols.size), dcols, kh, kw, stride, oh, ow, dxp)
     return np.ascontiguousarray(dxp[:, :, pad : pad + h, pad : pad + wd]) if pad else dxp
 
